@@ -1,0 +1,387 @@
+"""The distillation loop (METHOD.md section 2).
+
+Every iteration: draw a fresh random network seeded from (seed, iteration); sample a real
+batch per class; augment real and synthetic images of each class with one shared DSA draw;
+push real images through the network without a graph, accumulating class means of the
+matching vectors; push all synthetic images through it in one forward; step the pixels.
+
+All randomness is derived from (seed, iteration, class), never from a global stream, so a run
+resumed from a checkpoint equals an uninterrupted one, and a process that owns only some of
+the classes draws exactly what a single process would for them (class sharding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .augment import DSA
+from .data import ImageDataset, load_dataset
+from .errors import AtomDistillError, ConfigError
+from .io import atomic_path, write_json
+from .loss import ClassMeans, MatchingLoss, loss_weights
+from .models import build_model
+from .synset import SyntheticSet
+from .zca import ZCA
+
+ZCA_BY_DEFAULT = ("cifar10", "cifar100")   # as ATOM/DataDAM did; not for TinyImageNet
+
+
+@dataclass
+class DistillConfig:
+    """Everything that defines a distillation run; saved with every result."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None          # None: the dataset's own size
+    ipc: int = 10
+    method: str = "atom"                   # loss preset: atom, datadam, dm, channel
+    # Overrides of the preset's loss weights (None keeps the preset's value).
+    spatial: float | None = None
+    channel: float | None = None
+    mmd: float | None = None
+    power: float | None = None
+    scale: float | None = None
+    layers: tuple[int, ...] | None = None
+    net: str | None = None                 # None: convnet, convnet-d4 for 64 px
+    iterations: int = 20000
+    lr: float | None = None                # None: 1 up to IPC 50, 10 above
+    momentum: float = 0.5
+    batch_real: int = 256                  # real images per class per iteration
+    real_chunk: int = 1024                 # real images per forward: bounds memory, not the result
+    init: str = "real"                     # real | noise
+    zca: bool | None = None                # None: on for CIFAR
+    dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 0                    # 0: no evaluation during the run
+    eval_models: tuple[str, ...] = ("convnet",)
+    eval_runs: int = 3
+    eval_epochs: int = 300
+
+    def __post_init__(self):
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+        self.eval_models = tuple(self.eval_models)
+        if self.ipc < 1:
+            raise ConfigError(f"ipc must be at least 1, got {self.ipc}")
+        if self.iterations < 0:
+            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
+        if self.batch_real < 1 or self.real_chunk < 1:
+            raise ConfigError("batch_real and real_chunk must be at least 1")
+        if self.init not in ("real", "noise"):
+            raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        loss_weights(self.method)   # validates the method name early
+
+    def resolved(self, image_size: int) -> "DistillConfig":
+        """A copy with every automatic value made explicit for this dataset."""
+        return dataclasses.replace(
+            self,
+            image_size=image_size,
+            net=self.net or ("convnet-d4" if image_size >= 64 else "convnet"),
+            lr=self.lr if self.lr is not None else (1.0 if self.ipc <= 50 else 10.0),
+            zca=self.zca if self.zca is not None else self.dataset in ZCA_BY_DEFAULT,
+        )
+
+    def weights(self):
+        return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,
+                            power=self.power, scale=self.scale, layers=self.layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+# ---- deterministic randomness -------------------------------------------------------------
+_NET, _REAL, _DSA, _INIT = 1, 2, 3, 4
+
+
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, purpose, iteration, class...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(*parts))
+
+
+def random_network(cfg: DistillConfig, channels: int, num_classes: int, iteration: int,
+                   device: torch.device) -> torch.nn.Module:
+    """The fresh, frozen network of one iteration, identical in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(cfg.seed, _NET, iteration))
+        net = build_model(cfg.net, channels, num_classes, cfg.image_size)
+    return net.to(device).requires_grad_(False)
+
+
+def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequence[int], batch: int,
+                       seed: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch images per class without replacement (all of a smaller class); local labels."""
+    idx, labels = [], []
+    for local, (cls_idx, gid) in enumerate(zip(class_indices, global_ids)):
+        perm = torch.randperm(len(cls_idx), generator=generator(seed, _REAL, iteration, gid))[:batch]
+        idx.append(cls_idx[perm])
+        labels.append(torch.full((len(perm),), local, dtype=torch.long))
+    return torch.cat(idx), torch.cat(labels)
+
+
+def initial_images(data: ImageDataset, global_ids: Sequence[int], ipc: int, init: str, seed: int) -> torch.Tensor:
+    class_indices = data.class_indices()
+    images = []
+    for cls_idx, gid in zip(class_indices, global_ids):
+        g = generator(seed, _INIT, gid)
+        if init == "real":
+            images.append(data.train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
+        else:
+            images.append(torch.randn(ipc, *data.train_images.shape[1:], generator=g))
+    return torch.cat(images).float().clone()
+
+
+# ---- the run ------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    iteration: int
+    images: torch.Tensor
+    momentum: torch.Tensor | None
+    history: list[dict] = field(default_factory=list)
+
+
+def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: str = "atom", *,
+            out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, **options) -> SyntheticSet:
+    """Distil `dataset` into `ipc` synthetic images per class with a loss preset.
+
+    `dataset` is a name ("cifar10", "folder:PATH", ...) or an already loaded ImageDataset;
+    `options` are DistillConfig fields (iterations, lr, batch_real, seed, device, ...).
+    With `out`, the run folder gets config, metrics, checkpoints, the set and its grid."""
+    data = dataset if isinstance(dataset, ImageDataset) else None
+    name = data.name if data is not None else (dataset or options.pop("dataset", "digits"))
+    options.pop("dataset", None)
+    config = DistillConfig(dataset=name, ipc=ipc, method=method, **options)
+    return Distiller(config, data=data, out=out, resume=resume, overwrite=overwrite, progress=progress).run()
+
+
+def resume(run_dir: str | Path, progress: bool = True, **overrides) -> SyntheticSet:
+    """Continue an interrupted run from its folder (overrides: e.g. iterations to extend it)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise AtomDistillError(f"{run_dir} is not a run folder (no config.json); pass the --out folder of "
+                               "an earlier `atomdistill distill`")
+    saved = json.loads(cfg_path.read_text())["config"]
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    return Distiller(DistillConfig.from_dict(saved), out=run_dir, resume=True, progress=progress).run()
+
+
+class Distiller:
+    """One distillation run; `classes` restricts it to a shard of the classes (by global id)."""
+
+    def __init__(self, config: DistillConfig, *, data: ImageDataset | None = None, out: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 classes: Sequence[int] | None = None, num_classes_total: int | None = None,
+                 zca: ZCA | None = None):
+        self.out = Path(out) if out is not None else None
+        self.resume, self.progress = resume, progress
+        if self.out is not None and not resume:
+            _check_run_dir(self.out, overwrite)
+        self.device = resolve_device(config.device)
+        if data is None:
+            data = load_dataset(config.dataset, config.data_root, image_size=config.image_size, classes=classes)
+        self.data = data
+        self.global_ids = list(classes) if classes is not None else list(range(data.num_classes))
+        self.num_classes_total = num_classes_total or data.num_classes
+        self.config = config.resolved(data.image_size)
+        self.weights = self.config.weights()
+        self._check_ipc()
+        # ZCA lives in the data: fitted on the training split, applied to train and test images.
+        self.zca = zca
+        if self.config.zca and self.zca is None:
+            self.zca = ZCA.fit(data.train_images)
+        if self.zca is not None:
+            data.train_images = self.zca(data.train_images)
+            data.test_images = self.zca(data.test_images)
+        self.train_images = data.train_images.to(self.device)   # real data stays on the device
+        self.class_indices = [i.to(self.device) for i in data.class_indices()]
+        self.cpu_class_indices = data.class_indices()
+        self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
+        self.loss_fn = MatchingLoss(self.weights)
+        self.syn_labels = torch.arange(data.num_classes, device=self.device).repeat_interleave(self.config.ipc)
+
+    def _check_ipc(self):
+        counts = [len(i) for i in self.data.class_indices()]
+        small = [(self.data.class_names[k], n) for k, n in enumerate(counts) if n < self.config.ipc]
+        if small:
+            name, n = small[0]
+            raise ConfigError(f"--ipc {self.config.ipc} is larger than class {name!r}, which has {n} training "
+                              f"images; use --ipc {min(counts)} or less")
+
+    # ---- one iteration ----------------------------------------------------------------------
+    def step_loss(self, syn: torch.Tensor, iteration: int):
+        cfg = self.config
+        net = random_network(cfg, self.data.channels, self.num_classes_total, iteration, self.device)
+        draws = None
+        if self.dsa is not None:   # one draw per class (Siamese), shared by its real and synthetic images
+            draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, _DSA, iteration))
+            draws = draws.index(torch.tensor(self.global_ids)).to(self.device)
+        real_idx, real_labels = real_batch_indices(self.cpu_class_indices, self.global_ids, cfg.batch_real,
+                                                   cfg.seed, iteration)
+        real_idx, real_labels = real_idx.to(self.device), real_labels.to(self.device)
+        real = ClassMeans(self.data.num_classes)
+        with torch.no_grad():
+            for idx, labels in zip(real_idx.split(cfg.real_chunk), real_labels.split(cfg.real_chunk)):
+                x = self.train_images[idx]
+                if draws is not None:
+                    x = self.dsa.apply(x, draws, labels)
+                real.add(self.loss_fn.vectors(*net.features(x)), labels)
+        x = self.dsa.apply(syn, draws, self.syn_labels) if draws is not None else syn
+        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*net.features(x)), self.syn_labels)
+        return self.loss_fn(real.means(), fake.means())
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> SyntheticSet:
+        cfg = self.config
+        state = self._load_checkpoint() if self.resume else None
+        if state is None:
+            state = RunState(0, initial_images(self.data, self.global_ids, cfg.ipc, cfg.init, cfg.seed), None)
+            if self.out is not None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_json(self.out / "config.json", {"config": cfg.to_dict(), "weights": dataclasses.asdict(self.weights)})
+        syn = state.images.to(self.device).requires_grad_(True)
+        opt = torch.optim.SGD([syn], lr=cfg.lr, momentum=cfg.momentum)
+        if state.momentum is not None:
+            opt.state[syn]["momentum_buffer"] = state.momentum.to(self.device)
+        history = state.history
+        bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not self.progress, unit="it",
+                   desc=f"{cfg.method} ipc={cfg.ipc}", dynamic_ncols=True)
+        t0, done_at_start = time.perf_counter(), state.iteration
+        for it in range(state.iteration, cfg.iterations):
+            loss, terms = self.step_loss(syn, it)
+            if not torch.isfinite(loss):
+                raise AtomDistillError(
+                    f"the matching loss became {loss.item()} at iteration {it}; lower --lr or the loss "
+                    f"--scale (now {cfg.lr} and {self.weights.scale})"
+                    + (f"; the last good checkpoint is in {self.out}" if self.out else ""))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = it + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                elapsed = time.perf_counter() - t0
+                row = {"iteration": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                       "s_per_iter": elapsed / (done - done_at_start)}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
+                history.append({"iteration": done, "eval": self.evaluate(syn)})
+                bar.set_postfix(loss=f"{loss.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
+            if self.out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+                self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history))
+        bar.close()
+        synset = self.synthetic_set(syn, state_iteration=max(cfg.iterations, state.iteration), history=history)
+        if self.out is not None:
+            self._finish(synset, history)
+        return synset
+
+    def evaluate(self, syn: torch.Tensor) -> dict:
+        from .evaluate import evaluate
+        cfg = self.config
+        results = evaluate(self.synthetic_set(syn), self.data, models=cfg.eval_models, runs=cfg.eval_runs,
+                           epochs=cfg.eval_epochs, seed=cfg.seed, device=self.device, progress=False)
+        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+
+    def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:
+        info = {"iterations_done": state_iteration, "classes": self.global_ids}
+        if history:
+            losses = [h for h in history if "loss" in h]
+            if losses:
+                info["final_loss"] = losses[-1]["loss"]
+                info["s_per_iter"] = losses[-1]["s_per_iter"]
+        return SyntheticSet(images=syn.detach().float().cpu().clone(), labels=self.syn_labels.cpu(),
+                            class_names=list(self.data.class_names), mean=tuple(self.data.mean),
+                            std=tuple(self.data.std), zca=self.zca.to("cpu") if self.zca is not None else None,
+                            dataset=self.config.dataset, method=self.config.method,
+                            config=self.config.to_dict(), info=info)
+
+    # ---- files ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, state: RunState):
+        tensors = {"images": state.images.float().cpu().contiguous()}
+        if state.momentum is not None:
+            tensors["momentum"] = state.momentum.float().cpu().contiguous()
+        meta = {"iteration": state.iteration, "config": self.config.to_dict(), "history": state.history}
+        with atomic_path(self.out / "checkpoint.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"atomdistill": json.dumps(meta)})
+        write_metrics(self.out / "metrics.jsonl", state.history)
+
+    def _load_checkpoint(self) -> RunState | None:
+        path = self.out / "checkpoint.safetensors"
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["atomdistill"])
+        tensors = load_file(str(path))
+        saved = DistillConfig.from_dict(meta["config"])
+        if _result_fields(saved) != _result_fields(self.config):
+            raise ConfigError(f"the checkpoint in {self.out} was made with another configuration; resume "
+                              "with the same options (or none: `atomdistill distill --resume RUN_DIR`)")
+        return RunState(meta["iteration"], tensors["images"], tensors.get("momentum"), meta["history"])
+
+    def _finish(self, synset: SyntheticSet, history: list[dict]):
+        from .plots import plot_history
+        synset.save(self.out / "synset.safetensors")
+        synset.save_grid(self.out / "grid.png")
+        write_metrics(self.out / "metrics.jsonl", history)
+        plot_history(history, self.out / "curves.png", title=f"{self.config.dataset} {self.config.method} "
+                                                               f"ipc={self.config.ipc}")
+
+
+# Options that change how a run is executed or logged but not the synthetic set it produces.
+_EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
+                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
+
+
+def _result_fields(cfg: DistillConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS}
+
+
+def write_metrics(path: Path, history: list[dict]):
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def _check_run_dir(out: Path, overwrite: bool):
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run folder {out} already exists and is not empty; continue it with "
+                              f"`--resume {out}`, choose another --out, or pass --overwrite")
+        for name in ("checkpoint.safetensors", "synset.safetensors", "metrics.jsonl", "config.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _acc_summary(results: dict) -> str:
+    return ",".join(f"{m}:{r['mean'] * 100:.1f}" for m, r in results.items())

@@ -1,0 +1,163 @@
+"""SyntheticSet: a distilled (or selected) set of images and everything needed to use it.
+
+Saved as one safetensors file: tensors plus a JSON metadata string. Loading parses tensors
+and JSON only, so it never executes code from the file (unlike a pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import AtomDistillError
+from .io import atomic_path
+from .zca import ZCA
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SyntheticSet:
+    """images live in the model-input space: normalised with mean/std, then ZCA-whitened if zca."""
+
+    images: torch.Tensor            # float32 [N, C, H, W]
+    labels: torch.Tensor            # int64 [N]
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    zca: ZCA | None = None
+    dataset: str = ""
+    method: str = ""
+    config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)   # e.g. iterations done, final loss, selection embedding
+
+    # ---- shape ----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def ipc(self) -> int:
+        counts = torch.bincount(self.labels, minlength=self.num_classes)
+        return int(counts.max())
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"SyntheticSet(dataset={self.dataset!r}, method={self.method!r}, classes={self.num_classes}, "
+                f"ipc={self.ipc}, images={tuple(self.images.shape)}, zca={self.zca is not None})")
+
+    # ---- use ------------------------------------------------------------------------------
+    def to_dataset(self) -> torch.utils.data.TensorDataset:
+        """A torch Dataset of (image, label) in the model-input space."""
+        return torch.utils.data.TensorDataset(self.images, self.labels)
+
+    def prepare_real(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Map real images, normalised with this set's mean/std, into the set's space (ZCA)."""
+        return self.zca(normalised) if self.zca is not None else normalised
+
+    def to_pixels(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """True-colour images in [0, 1]: inverse ZCA, then inverse normalisation."""
+        x = self.images if images is None else images
+        x = x.detach().float().cpu()
+        if self.zca is not None:
+            x = self.zca.to("cpu").inverse(x)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    def save_grid(self, path: str | os.PathLike, upscale: int | None = None) -> Path:
+        """A PNG grid, one row per class (at most 10 images of each shown)."""
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        pixels = self.to_pixels()
+        per_row = min(self.ipc, 10)
+        rows = []
+        for c in range(self.num_classes):
+            idx = (self.labels == c).nonzero().flatten()[:per_row]
+            row = pixels[idx]
+            if len(row) < per_row:    # keep the grid rectangular for uneven classes
+                row = torch.cat([row, row.new_ones(per_row - len(row), *row.shape[1:])])
+            rows.append(row)
+        grid = make_grid(torch.cat(rows), nrow=per_row, padding=1, pad_value=1.0)
+        if upscale is None:   # small images are hard to see: aim for about 64 px per image
+            upscale = max(1, 64 // self.image_size)
+        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+        if upscale > 1:
+            img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+        return Path(path)
+
+    def export_folder(self, directory: str | os.PathLike) -> Path:
+        """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours."""
+        from PIL import Image
+
+        directory = Path(directory)
+        pixels = (self.to_pixels().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        seen = [0] * self.num_classes
+        for img, label in zip(pixels, self.labels.tolist()):
+            name = _safe_name(self.class_names[label])
+            out = directory / name / f"{seen[label]:04d}.png"
+            seen[label] += 1
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out) as tmp:
+                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+        return directory
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors = {"images": self.images.detach().float().cpu().contiguous(),
+                   "labels": self.labels.detach().long().cpu().contiguous()}
+        if self.zca is not None:
+            tensors.update({f"zca.{k}": v.cpu().contiguous() for k, v in self.zca.state_dict().items()})
+        meta = {"format": "atomdistill.SyntheticSet", "version": FORMAT_VERSION,
+                "class_names": self.class_names, "mean": list(self.mean), "std": list(self.std),
+                "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"atomdistill": json.dumps(meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SyntheticSet":
+        path = Path(path)
+        if path.is_dir():   # a run folder: take its final set
+            path = path / "synset.safetensors"
+        if not path.exists():
+            raise AtomDistillError(f"no synthetic set at {path}: pass a .safetensors file written by "
+                                   "`atomdistill distill` or `atomdistill baseline`, or its run folder")
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("atomdistill", "null"))
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+            raise AtomDistillError(f"{path} is not a readable synthetic set ({e}); re-create it") from None
+        if not meta or meta.get("format") != "atomdistill.SyntheticSet":
+            raise AtomDistillError(f"{path} is a safetensors file but not an atomdistill synthetic set")
+        zca_state = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
+        return cls(images=tensors["images"], labels=tensors["labels"], class_names=meta["class_names"],
+                   mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                   zca=ZCA.from_state_dict(zca_state) if zca_state else None,
+                   dataset=meta["dataset"], method=meta["method"], config=meta["config"], info=meta["info"])
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
