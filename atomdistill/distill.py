@@ -149,15 +149,16 @@ def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequen
     return torch.cat(idx), torch.cat(labels)
 
 
-def initial_images(data: ImageDataset, global_ids: Sequence[int], ipc: int, init: str, seed: int) -> torch.Tensor:
-    class_indices = data.class_indices()
+def initial_images(train_images: torch.Tensor, class_indices: Sequence[torch.Tensor], global_ids: Sequence[int],
+                   ipc: int, init: str, seed: int) -> torch.Tensor:
+    """ipc random real images of each class (in the space of train_images), or Gaussian noise."""
     images = []
     for cls_idx, gid in zip(class_indices, global_ids):
         g = generator(seed, _INIT, gid)
         if init == "real":
-            images.append(data.train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
+            images.append(train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
         else:
-            images.append(torch.randn(ipc, *data.train_images.shape[1:], generator=g))
+            images.append(torch.randn(ipc, *train_images.shape[1:], generator=g))
     return torch.cat(images).float().clone()
 
 
@@ -221,11 +222,11 @@ class Distiller:
         self.zca = zca
         if self.config.zca and self.zca is None:
             self.zca = ZCA.fit(data.train_images)
-        if self.zca is not None:
-            data.train_images = self.zca(data.train_images)
-            data.test_images = self.zca(data.test_images)
-        self.train_images = data.train_images.to(self.device)   # real data stays on the device
-        self.class_indices = [i.to(self.device) for i in data.class_indices()]
+        # Real data stays on the device, in the space the synthetic images live in. The caller's
+        # dataset is not modified.
+        train = self.zca(data.train_images) if self.zca is not None else data.train_images
+        self.train_images = train.to(self.device)
+        self._eval_test = None   # test images in the set's space, made on the first evaluation
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
@@ -266,7 +267,8 @@ class Distiller:
         cfg = self.config
         state = self._load_checkpoint() if self.resume else None
         if state is None:
-            state = RunState(0, initial_images(self.data, self.global_ids, cfg.ipc, cfg.init, cfg.seed), None)
+            state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
+                                               cfg.init, cfg.seed), None)
             if self.out is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_json(self.out / "config.json", {"config": cfg.to_dict(), "weights": dataclasses.asdict(self.weights)})
@@ -310,8 +312,11 @@ class Distiller:
     def evaluate(self, syn: torch.Tensor) -> dict:
         from .evaluate import evaluate
         cfg = self.config
-        results = evaluate(self.synthetic_set(syn), self.data, models=cfg.eval_models, runs=cfg.eval_runs,
-                           epochs=cfg.eval_epochs, seed=cfg.seed, device=self.device, progress=False)
+        synset = self.synthetic_set(syn)
+        if self._eval_test is None:
+            self._eval_test = (synset.prepare_real(self.data.test_images), self.data.test_labels)
+        results = evaluate(synset, self.data, models=cfg.eval_models, runs=cfg.eval_runs, epochs=cfg.eval_epochs,
+                           seed=cfg.seed, device=self.device, progress=False, test=self._eval_test)
         return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
 
     def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:

@@ -59,14 +59,22 @@ def loss_weights(method: str, **overrides) -> LossWeights:
     return dataclasses.replace(PRESETS[method], **overrides)
 
 
+def abs_pow(f: torch.Tensor, power: float) -> torch.Tensor:
+    """|f|^p; an even integer p needs no abs, and an integer exponent is much faster than a float one."""
+    if float(power).is_integer():
+        p = int(power)
+        return f.pow(p) if p % 2 == 0 else f.abs().pow(p)
+    return f.abs().pow(power)
+
+
 def spatial_attention(f: torch.Tensor, power: float) -> torch.Tensor:
     """a_s(f) = sum_c |f_c|^p, flattened to [B, H*W] and L2-normalised per image."""
-    return F.normalize(f.abs().pow(power).sum(dim=1).flatten(1), dim=1)
+    return F.normalize(abs_pow(f, power).sum(dim=1).flatten(1), dim=1)
 
 
 def channel_attention(f: torch.Tensor, power: float) -> torch.Tensor:
     """a_c(f) = sum_{h,w} |f_{:,h,w}|^p, [B, C], L2-normalised per image."""
-    return F.normalize(f.abs().pow(power).flatten(2).sum(dim=2), dim=1)
+    return F.normalize(abs_pow(f, power).flatten(2).sum(dim=2), dim=1)
 
 
 class MatchingLoss:
@@ -91,11 +99,13 @@ class MatchingLoss:
     def vectors(self, activations: list[torch.Tensor], embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """One [B, D] vector per active term. Layers are concatenated: ||[a;b]||^2 sums over layers."""
         out = {}
-        p = self.weights.power
+        if "spatial" in self.term_weights or "channel" in self.term_weights:
+            # |f|^p once per layer, shared by both attention maps.
+            powered = [abs_pow(f, self.weights.power) for f in self._layers(activations)]
         if "spatial" in self.term_weights:
-            out["spatial"] = torch.cat([spatial_attention(f, p) for f in self._layers(activations)], 1)
+            out["spatial"] = torch.cat([F.normalize(a.sum(dim=1).flatten(1), dim=1) for a in powered], 1)
         if "channel" in self.term_weights:
-            out["channel"] = torch.cat([channel_attention(f, p) for f in self._layers(activations)], 1)
+            out["channel"] = torch.cat([F.normalize(a.flatten(2).sum(dim=2), dim=1) for a in powered], 1)
         if "mmd" in self.term_weights:
             out["mmd"] = embedding.flatten(1)
         return out

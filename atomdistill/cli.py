@@ -1,0 +1,235 @@
+"""The `atomdistill` command line: a thin layer over the Python API.
+
+User errors (AtomDistillError) print one line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AtomDistillError
+
+DEFAULT_DATASET = "digits"
+
+
+def _floats(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = False):
+    p.add_argument("--dataset", default=None if dataset_required else DEFAULT_DATASET, required=dataset_required,
+                   help="cifar10, cifar100, tinyimagenet, folder:PATH, or digits (embedded, no download; default)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset (default ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing (checks the checksum)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images (folder and digits datasets)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, prefix: str = ""):
+    p.add_argument(f"--{prefix}models", type=_names, default=("convnet",),
+                   help="comma-separated architectures, e.g. convnet,alexnet,vgg11,resnet18")
+    p.add_argument(f"--{prefix}runs", type=int, default=3, help="fresh networks trained per architecture")
+    p.add_argument(f"--{prefix}epochs", type=int, default=300, help="training epochs per network (paper: 1000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atomdistill",
+        description="Dataset distillation with ATOM, the Attention Mixer (and DataDAM, DM presets).")
+    parser.add_argument("--version", action="version", version=f"atomdistill {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("data", help="describe a dataset (classes, counts, size, mean/std)")
+    p.add_argument("name", nargs="?", default=DEFAULT_DATASET)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--image-size", type=int, default=None)
+
+    sub.add_parser("models", help="list the registered architectures")
+
+    p = sub.add_parser("distill", help="distil a dataset into a synthetic set")
+    _add_data_args(p)
+    p.add_argument("--ipc", type=int, default=10, help="images per class")
+    p.add_argument("--method", default="atom", help="loss preset: atom, datadam, dm, channel")
+    p.add_argument("--iterations", type=int, default=None, help="default 20000 (paper)")
+    p.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD-ipcN)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help="image learning rate (default 1, 10 above IPC 50)")
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration (256)")
+    g.add_argument("--real-chunk", type=int, default=None, help="real images per forward pass (memory)")
+    g.add_argument("--init", choices=("real", "noise"), default=None)
+    g.add_argument("--net", default=None, help="distillation network (default convnet; convnet-d4 at 64 px)")
+    g.add_argument("--zca", dest="zca", action="store_true", default=None, help="ZCA whitening (default on CIFAR)")
+    g.add_argument("--no-zca", dest="zca", action="store_false")
+    g.add_argument("--dsa", default=None, help="DSA strategy, or 'none'")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--checkpoint-every", type=int, default=None)
+    g.add_argument("--log-every", type=int, default=None)
+    g = p.add_argument_group("loss weights (override the preset)")
+    for name, text in (("spatial", "w_s"), ("channel", "w_c"), ("mmd", "lambda"), ("power", "p"), ("scale", "scale")):
+        g.add_argument(f"--{name}", type=float, default=None, help=text)
+    g.add_argument("--layers", type=_floats, default=None, help="intermediate blocks, e.g. 1,2")
+    g = p.add_argument_group("evaluation along the way")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every K iterations (0: never)")
+    _add_eval_args(g, prefix="eval-")
+
+    p = sub.add_parser("evaluate", help="train fresh networks on a set, test on real data")
+    p.add_argument("set", help="a synthetic set (.safetensors or run folder), or 'full' for the whole training set")
+    _add_data_args(p)
+    _add_eval_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sequential", action="store_true", help="train the runs one by one (reference loop)")
+    p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
+
+    p = sub.add_parser("baseline", help="select a real coreset (random, herding, kcenter) as a synthetic set")
+    p.add_argument("kind", choices=("random", "herding", "kcenter"))
+    _add_data_args(p)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding", default="trained", choices=("trained", "random", "pixels"),
+                   help="feature space of herding/k-center")
+    p.add_argument("--zca", dest="zca", action="store_true", default=None)
+    p.add_argument("--no-zca", dest="zca", action="store_false")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+
+    p = sub.add_parser("show", help="save a PNG grid (and optionally an image folder) of a set")
+    p.add_argument("set")
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--folder", default=None, help="also export one PNG per image into this folder")
+
+    p = sub.add_parser("report", help="markdown table and figure from evaluation records")
+    p.add_argument("records", nargs="+", help="eval JSON files or run folders")
+    p.add_argument("--out", default="report.md")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def cmd_data(args):
+    from .data import format_description, load_dataset
+    data = load_dataset(args.name, args.data_root, download=args.download, image_size=args.image_size)
+    print(format_description(data.describe()))
+
+
+def cmd_models(args):
+    from .models import list_models, model_info
+    for name in list_models():
+        info = model_info(name)
+        print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+def cmd_distill(args):
+    from .distill import distill, resume
+    options = {k: getattr(args, k) for k in (
+        "iterations", "lr", "momentum", "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device",
+        "checkpoint_every", "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
+        "eval_models", "eval_runs", "eval_epochs")}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.resume:
+        run_dir = Path(args.resume)
+        synset = resume(run_dir, iterations=options.get("iterations"), device=options.get("device"))
+    else:
+        run_dir = Path(args.out or f"runs/{args.dataset.replace(':', '_').replace('/', '_')}-{args.method}-ipc{args.ipc}")
+        if args.image_size:
+            options["image_size"] = args.image_size
+        if args.download:   # fetch before the run so the loop itself never downloads
+            from .data import load_dataset
+            load_dataset(args.dataset, args.data_root, download=True)
+        synset = distill(args.dataset, ipc=args.ipc, method=args.method, out=run_dir, overwrite=args.overwrite,
+                         data_root=args.data_root, **options)
+    print(f"\nsynthetic set: {run_dir / 'synset.safetensors'}  ({len(synset)} images, grid: {run_dir / 'grid.png'})")
+    data_root = f" --data-root {synset.config.get('data_root')}" if synset.config.get("data_root") else ""
+    print(f"evaluate it:   atomdistill evaluate {run_dir} --dataset {synset.dataset}{data_root}")
+
+
+def cmd_evaluate(args):
+    from .data import load_dataset
+    from .evaluate import evaluate, evaluation_record, full_training_set
+    from .io import write_json
+    from .synset import SyntheticSet
+    data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
+    if args.set == "full":
+        synset, default_out = full_training_set(data), Path(f"eval-{data.name.replace(':', '_').replace('/', '_')}-full.json")
+    else:
+        synset = SyntheticSet.load(args.set)
+        default_out = (Path(args.set) if Path(args.set).is_dir() else Path(args.set).parent) / "eval.json"
+    protocol = {"runs": args.runs, "epochs": args.epochs, "seed": args.seed}
+    results = evaluate(synset, data, models=args.models, runs=args.runs, epochs=args.epochs, seed=args.seed,
+                       device=args.device, batched=not args.sequential)
+    out = Path(args.out) if args.out else default_out
+    record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set)
+    write_json(out, record)
+    print(f"\n{synset.dataset} {synset.method} ipc={synset.ipc if args.set != 'full' else 'all'}  "
+          f"({args.runs} runs x {args.epochs} epochs)")
+    print(f"{'model':12s} {'accuracy %':>16s}  seconds")
+    for model, r in results.items():
+        print(f"{model:12s} {100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}  {r['seconds']:7.1f}")
+    print(f"record: {out}")
+
+
+def cmd_baseline(args):
+    from .baselines import select_coreset
+    from .data import load_dataset
+    data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
+    synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
+                            device=args.device, zca=args.zca)
+    out = synset.save(args.out)
+    synset.save_grid(out.with_suffix(".png"))
+    print(f"{args.kind} coreset: {out} ({len(synset)} images), grid: {out.with_suffix('.png')}")
+    print(f"evaluate it:   atomdistill evaluate {out} --dataset {args.dataset}"
+          + (f" --data-root {args.data_root}" if args.data_root else ""))
+
+
+def cmd_show(args):
+    from .synset import SyntheticSet
+    synset = SyntheticSet.load(args.set)
+    print(f"{synset}\ngrid: {synset.save_grid(args.out)}")
+    if args.folder:
+        print(f"images: {synset.export_folder(args.folder)}")
+
+
+def cmd_report(args):
+    from .report import write_report
+    print(write_report(args.records, args.out))
+    print(f"\nwritten: {args.out}")
+
+
+COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "evaluate": cmd_evaluate,
+            "baseline": cmd_baseline, "show": cmd_show, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        COMMANDS[args.command](args)
+    except AtomDistillError as e:
+        print(f"atomdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\natomdistill {args.command}: interrupted"
+              + ("; continue with --resume RUN_DIR" if args.command == "distill" else ""), file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

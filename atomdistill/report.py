@@ -1,0 +1,216 @@
+"""Tables and figures from evaluation records (the JSON files `atomdistill evaluate` writes).
+
+One markdown table per dataset: rows are methods, columns IPC x architecture, cells
+"mean ± std" test accuracy in percent. The whole-set reference ('full', or any record without an
+IPC) has its own row and its own "whole set" column(s), with "—" under the IPC columns, so no
+reference number is ever read as an IPC result.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import AtomDistillError
+from .io import atomic_path
+
+METHOD_ORDER = ("full", "random", "herding", "kcenter", "dm", "datadam", "channel", "atom")
+DASH = "—"
+
+
+# ---- loading ------------------------------------------------------------------------------
+def load_records(paths: list[str | os.PathLike]) -> list[dict]:
+    """Evaluation records from JSON files or run folders holding eval.json, in the order given.
+
+    Each record gets a '_path' key (where it came from), used to name duplicates."""
+    if not paths:
+        raise AtomDistillError("no evaluation records given; pass eval JSON files or run folders")
+    records = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            if not (path / "eval.json").is_file():
+                raise AtomDistillError(f"{path} is a folder without eval.json; run `atomdistill evaluate` on "
+                                       "it first or pass the evaluation JSON file")
+            path = path / "eval.json"
+        elif not path.is_file():
+            raise AtomDistillError(f"{path} does not exist; pass an evaluation JSON file or a run folder "
+                                   "containing eval.json")
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AtomDistillError(f"{path} is not readable JSON ({e}); pass a file written by "
+                                   "`atomdistill evaluate`") from None
+        _check_record(rec, path)
+        rec["_path"] = str(path)
+        records.append(rec)
+    return records
+
+
+def _check_record(rec, path: Path) -> None:
+    ok = (isinstance(rec, dict) and isinstance(rec.get("set"), dict) and isinstance(rec.get("results"), dict)
+          and "dataset" in rec["set"] and "method" in rec["set"]
+          and all(isinstance(r, dict) and "mean" in r and "std" in r for r in rec["results"].values()))
+    if not ok:
+        raise AtomDistillError(f"{path} is JSON but not an evaluation record (needs 'set' with dataset and "
+                               "method, and 'results' with mean/std per model); pass a file written by "
+                               "`atomdistill evaluate`")
+
+
+# ---- table --------------------------------------------------------------------------------
+def _is_whole(rec: dict) -> bool:
+    return rec["set"].get("ipc") is None or rec["set"]["method"] == "full"
+
+
+def _method_key(method: str):
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def _cell(result: dict | None) -> str:
+    if result is None:
+        return DASH
+    return f"{100 * result['mean']:.1f} ± {100 * result['std']:.1f}"
+
+
+def _collect(records: list[dict]):
+    """{dataset: {(method, ipc|None, model): result}} keeping the last record per key; duplicates list."""
+    table: dict[str, dict] = {}
+    sources: dict[tuple, list[str]] = {}
+    for rec in records:
+        ds, method = str(rec["set"]["dataset"]), str(rec["set"]["method"])
+        ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
+        for model, result in rec["results"].items():
+            table.setdefault(ds, {})[(method, ipc, model)] = result
+            sources.setdefault((ds, method, ipc, model), []).append(rec.get("_path", "?"))
+    dups = {k: v for k, v in sources.items() if len(v) > 1}
+    return table, dups
+
+
+def _models_in_order(records: list[dict], dataset: str | None = None) -> list[str]:
+    models: list[str] = []
+    for rec in records:
+        if dataset is None or str(rec["set"]["dataset"]) == dataset:
+            models += [m for m in rec["results"] if m not in models]
+    return models
+
+
+def _distinct(values) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _protocol_str(p: dict) -> str:
+    if not p:
+        return "unknown"
+    s = f"{p.get('runs', '?')} runs x {p.get('epochs', '?')} epochs"
+    if p.get("dsa"):
+        s += f", DSA {p['dsa']}"
+    return s
+
+
+def _hardware_str(h: dict) -> str:
+    if not h:
+        return "unknown"
+    rest = ", ".join(f"{k}: {v}" for k, v in h.items() if k != "device")
+    return f"{h.get('device', '?')}" + (f" ({rest})" if rest else "")
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Markdown: one table per dataset (sorted by name), then notes on duplicates, protocol and hardware."""
+    if not records:
+        raise AtomDistillError("no evaluation records to tabulate")
+    table, dups = _collect(records)
+    lines: list[str] = []
+    for ds in sorted(table):
+        cells = table[ds]
+        models = _models_in_order(records, ds)
+        ipcs = sorted({ipc for (_, ipc, _) in cells if ipc is not None})
+        # Only (IPC, model) pairs some record has: an all-dash column says nothing.
+        present = {(ipc, m) for (_, ipc, m) in cells}
+        columns = [(ipc, m) for ipc in ipcs for m in models if (ipc, m) in present]
+        columns += [(None, m) for m in models if (None, m) in present]
+        header = ["method"] + [f"IPC {ipc} {m}" if ipc is not None else f"whole set {m}" for ipc, m in columns]
+        methods = sorted({meth for (meth, _, _) in cells}, key=_method_key)
+        lines += [f"### {ds}", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
+        for meth in methods:
+            row = [meth] + [_cell(cells.get((meth, ipc, m))) for ipc, m in columns]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines.append("Test accuracy in %, mean ± std over evaluation runs.")
+    if dups:
+        keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m} "
+                         f"({len(src)} records, shown: {src[-1]})" for (ds, meth, ipc, m), src in dups.items())
+        lines.append(f"Duplicates: several records for the same cell, the last one given is shown: {keys}.")
+    protocols = _distinct(_protocol_str(r.get("protocol") or {}) for r in records)
+    hardware = _distinct(_hardware_str(r.get("hardware") or {}) for r in records)
+    lines.append(f"Protocol: {'; '.join(protocols)}. Hardware: {'; '.join(hardware)}.")
+    return "\n".join(lines) + "\n"
+
+
+# ---- figure -------------------------------------------------------------------------------
+def plot_records(records: list[dict], path: str | os.PathLike) -> None:
+    """Grouped bar chart (PNG): per model one subplot; one group per (dataset, IPC), plus a
+    'whole set' group per dataset with a reference; bars are methods, error bars the std."""
+    from .plots import _pyplot
+
+    if not records:
+        raise AtomDistillError("no evaluation records to plot")
+    plt = _pyplot()
+    table, _ = _collect(records)
+    models = _models_in_order(records)
+    groups = []   # (dataset, ipc|None)
+    for ds in sorted(table):
+        ipcs = sorted({ipc for (_, ipc, _) in table[ds] if ipc is not None})
+        groups += [(ds, ipc) for ipc in ipcs]
+        if any(ipc is None for (_, ipc, _) in table[ds]):
+            groups.append((ds, None))
+    methods = sorted({meth for ds in table for (meth, _, _) in table[ds]}, key=_method_key)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    width = 0.8 / max(len(methods), 1)
+    fig_w = max(5.0, 1.5 + 0.3 * len(groups) * len(methods))
+    fig, axes = plt.subplots(len(models), 1, figsize=(fig_w, 3.4 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        labelled, top = set(), 1.0
+        for gi, (ds, ipc) in enumerate(groups):
+            present = [m for m in methods if (m, ipc, model) in table[ds]]
+            for bi, meth in enumerate(present):
+                r = table[ds][(meth, ipc, model)]
+                x = gi - 0.4 + width * (bi + 0.5) + (len(methods) - len(present)) * width / 2
+                ax.bar(x, 100 * r["mean"], width, yerr=100 * r["std"], capsize=2, color=colours[meth],
+                       label=meth if meth not in labelled else None)
+                labelled.add(meth)
+                top = max(top, 100 * (r["mean"] + r["std"]))
+        ax.set_ylim(0, top * 1.25)   # head room for the legend
+        ax.set_xlim(-0.5, len(groups) - 0.5)   # same groups in every subplot, even if one is empty
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{ds}\n{'whole set' if ipc is None else f'IPC {ipc}'}" for ds, ipc in groups])
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(model)
+        ax.grid(axis="y", alpha=0.3)
+        handles, names = ax.get_legend_handles_labels()
+        order = sorted(range(len(names)), key=lambda i: _method_key(names[i]))   # table row order
+        if handles:
+            ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize="small",
+                      ncol=min(len(methods), 4))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(paths: list[str | os.PathLike], out_md: str | os.PathLike,
+                 out_png: str | os.PathLike | None = None) -> str:
+    """Load records, write the markdown (with the figure linked) and the PNG; return the markdown."""
+    records = load_records(paths)
+    out_md = Path(out_md)
+    out_png = Path(out_png) if out_png is not None else out_md.with_suffix(".png")
+    plot_records(records, out_png)
+    rel = os.path.relpath(out_png.resolve(), out_md.resolve().parent)
+    text = markdown_table(records) + f"\n![accuracy per method]({Path(rel).as_posix()})\n"
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from atomdistill.errors import AtomDistillError
+from atomdistill.report import load_records, markdown_table, plot_records, write_report
+
+PROTOCOL = {"runs": 3, "epochs": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
+            "dsa": "color_crop_cutout_flip_scale_rotate", "seed": 0}
+HARDWARE = {"device": "cpu", "cpu": "AMD EPYC", "threads": 2, "torch": "2.14.1"}
+
+
+def record(method, ipc, results, dataset="cifar10", protocol=PROTOCOL, hardware=HARDWARE):
+    return {"set": {"path": None, "dataset": dataset, "method": method, "ipc": ipc, "num_classes": 10,
+                    "iterations": None, "seed": 0},
+            "protocol": dict(protocol),
+            "results": {m: {"mean": mean, "std": std, "accs": [mean], "seconds": 1.0}
+                        for m, (mean, std) in results.items()},
+            "hardware": dict(hardware)}
+
+
+@pytest.fixture
+def paths(tmp_path):
+    recs = {
+        "atom10.json": record("atom", 10, {"convnet": (0.6612, 0.0043), "resnet18": (0.5, 0.01)}),
+        "random1.json": record("random", 1, {"convnet": (0.1434, 0.0021)}),
+        "dm10.json": record("dm", 10, {"convnet": (0.4871, 0.0061)}),
+        "zzz.json": record("zzz", 1, {"convnet": (0.2, 0.0)}),
+        "full.json": record("full", None, {"convnet": (0.8456, 0.0012)},
+                            hardware={"device": "cuda", "gpu": "H100", "torch": "2.14.1"}),
+    }
+    out = []
+    for name, rec in recs.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+        out.append(str(tmp_path / name))
+    run = tmp_path / "run_herding"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps(
+        record("herding", 1, {"convnet": (0.2141, 0.0119)}, protocol={**PROTOCOL, "runs": 5, "epochs": 100})))
+    out.append(str(run))
+    return out
+
+
+def rows(md):
+    return [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+
+
+def test_load_records_files_and_run_folder(paths):
+    recs = load_records(paths)
+    assert [r["set"]["method"] for r in recs] == ["atom", "random", "dm", "zzz", "full", "herding"]
+    assert recs[-1]["_path"].endswith("eval.json")
+
+
+def test_table_cells_columns_and_row_order(paths):
+    md = markdown_table(load_records(paths))
+    assert "### cifar10" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    # no "IPC 1 resnet18" column: no record has that pair
+    assert header == "| method | IPC 1 convnet | IPC 10 convnet | IPC 10 resnet18 | whole set convnet |"
+    names = [r.split("|")[1].strip() for r in rows(md)]
+    assert names == ["full", "random", "herding", "dm", "atom", "zzz"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows(md)}
+    assert cells["atom"] == ["—", "66.1 ± 0.4", "50.0 ± 1.0", "—"]
+    assert cells["random"][0] == "14.3 ± 0.2"
+    assert cells["herding"][0] == "21.4 ± 1.2"
+    assert cells["full"] == ["—", "—", "—", "84.6 ± 0.1"]
+    assert "3 runs x 300 epochs" in md and "5 runs x 100 epochs" in md
+    assert "AMD EPYC" in md and "H100" in md
+    assert "Duplicates" not in md
+
+
+def test_duplicates_keep_last_and_are_noted(tmp_path, paths):
+    later = tmp_path / "atom10_again.json"
+    later.write_text(json.dumps(record("atom", 10, {"convnet": (0.7, 0.002)})))
+    md = markdown_table(load_records(paths + [str(later)]))
+    atom = next(r for r in rows(md) if r.startswith("| atom"))
+    assert "70.0 ± 0.2" in atom and "66.1" not in atom
+    assert "Duplicates" in md and "atom10_again.json" in md
+
+
+def test_one_table_per_dataset(tmp_path, paths):
+    other = tmp_path / "c100.json"
+    other.write_text(json.dumps(record("atom", 50, {"convnet": (0.5, 0.003)}, dataset="cifar100")))
+    md = markdown_table(load_records(paths + [str(other)]))
+    assert md.index("### cifar10\n") < md.index("### cifar100")
+    c100 = md[md.index("### cifar100"):]
+    assert "| method | IPC 50 convnet |" in c100 and "whole set" not in c100.split("\n\n")[1]
+
+
+def test_plot_and_write_report(tmp_path, paths):
+    png = tmp_path / "fig.png"
+    plot_records(load_records(paths), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "out" / "report.md"
+    text = write_report(paths, out)
+    assert out.read_text(encoding="utf-8") == text
+    assert "66.1 ± 0.4" in text and "report.png" in text
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_paths_raise(tmp_path):
+    with pytest.raises(AtomDistillError, match="does not exist"):
+        load_records([str(tmp_path / "missing.json")])
+    with pytest.raises(AtomDistillError, match="without eval.json"):
+        load_records([str(tmp_path)])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(AtomDistillError, match="not readable JSON"):
+        load_records([str(bad)])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"config": {}}))
+    with pytest.raises(AtomDistillError, match="not an evaluation record"):
+        load_records([str(other)])
+    with pytest.raises(AtomDistillError):
+        load_records([])
