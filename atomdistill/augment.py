@@ -177,7 +177,7 @@ def _color(x: Tensor, p: DSAParams) -> Tensor:
 
 def _uniform_int(u: Tensor, count: int) -> Tensor:
     """Uniform in [0, 1) -> integer in [0, count); clamp guards float round-up at u -> 1."""
-    return (u.double() * count).floor().long().clamp_(0, count - 1)
+    return (u.float() * count).floor().long().clamp_(0, count - 1)
 
 
 def _crop(x: Tensor, p: DSAParams) -> Tensor:

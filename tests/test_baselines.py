@@ -63,7 +63,7 @@ def test_random_differs_across_seeds_and_equals_distill_real_init(data):
     picks = {tuple(select_coreset(data, 3, "random", seed=s).info["indices"]) for s in range(4)}
     assert len(picks) == 4
     s = select_coreset(data, 3, "random", seed=2)
-    assert torch.equal(s.images, initial_images(data, [0, 1, 2], 3, "real", 2))
+    assert torch.equal(s.images, initial_images(data.train_images, data.class_indices(), [0, 1, 2], 3, "real", 2))
 
 
 def _reference_herding(e: torch.Tensor, ipc: int) -> list[int]:
