@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--sequential", action="store_true", help="train the runs one by one (reference loop)")
+    p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
+                   help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
     p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
 
     p = sub.add_parser("baseline", help="select a real coreset (random, herding, kcenter) as a synthetic set")
@@ -170,9 +171,10 @@ def cmd_evaluate(args):
         default_out = (Path(args.set) if Path(args.set).is_dir() else Path(args.set).parent) / "eval.json"
     protocol = {"runs": args.runs, "epochs": args.epochs, "seed": args.seed}
     results = evaluate(synset, data, models=args.models, runs=args.runs, epochs=args.epochs, seed=args.seed,
-                       device=args.device, batched=not args.sequential)
+                       device=args.device, batched={"auto": "auto", "yes": True, "no": False}[args.batched])
     out = Path(args.out) if args.out else default_out
-    record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set)
+    record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
+                               device=args.device)
     write_json(out, record)
     print(f"\n{synset.dataset} {synset.method} ipc={synset.ipc if args.set != 'full' else 'all'}  "
           f"({args.runs} runs x {args.epochs} epochs)")
@@ -216,6 +218,8 @@ COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "eva
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime import tune_cpu_allocator
+    tune_cpu_allocator()
     if args.command is None:
         parser.print_help()
         return 0

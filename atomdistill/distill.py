@@ -57,7 +57,8 @@ class DistillConfig:
     lr: float | None = None                # None: 1 up to IPC 50, 10 above
     momentum: float = 0.5
     batch_real: int = 256                  # real images per class per iteration
-    real_chunk: int = 1024                 # real images per forward: bounds memory, not the result
+    real_chunk: int | None = None          # real images per forward (None: 64 on CPU, where cache-sized
+                                           # chunks run fastest, 4096 on a GPU); bounds memory, not the result
     init: str = "real"                     # real | noise
     zca: bool | None = None                # None: on for CIFAR
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
@@ -78,7 +79,7 @@ class DistillConfig:
             raise ConfigError(f"ipc must be at least 1, got {self.ipc}")
         if self.iterations < 0:
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
-        if self.batch_real < 1 or self.real_chunk < 1:
+        if self.batch_real < 1 or (self.real_chunk is not None and self.real_chunk < 1):
             raise ConfigError("batch_real and real_chunk must be at least 1")
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
@@ -253,7 +254,8 @@ class Distiller:
         real_idx, real_labels = real_idx.to(self.device), real_labels.to(self.device)
         real = ClassMeans(self.data.num_classes)
         with torch.no_grad():
-            for idx, labels in zip(real_idx.split(cfg.real_chunk), real_labels.split(cfg.real_chunk)):
+            chunk = cfg.real_chunk or (64 if self.device.type == "cpu" else 4096)
+            for idx, labels in zip(real_idx.split(chunk), real_labels.split(chunk)):
                 x = self.train_images[idx]
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)

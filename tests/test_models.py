@@ -11,6 +11,7 @@ from torch import nn
 from atomdistill.errors import ConfigError
 from atomdistill.models import (
     _REGISTRY,
+    Pool2x2,
     build_model,
     list_models,
     model_info,
@@ -80,7 +81,7 @@ def test_convnet_layout_matches_dc() -> None:
     assert isinstance(body[0], nn.Conv2d) and body[0].kernel_size == (3, 3) and body[0].padding == (1, 1)
     assert isinstance(body[1], nn.GroupNorm) and body[1].num_groups == 128 and body[1].affine
     assert isinstance(body[2], nn.ReLU)
-    assert isinstance(model.blocks[0].post, nn.AvgPool2d)
+    assert isinstance(model.blocks[0].post, Pool2x2) and model.blocks[0].post.mode == "avg"
     # Block activations are post-activation: ReLU output is non-negative.
     assert all((a >= 0).all() for a in acts)
     # Reference parameter count (DC ConvNet, CIFAR-10): 320,010.
@@ -127,8 +128,8 @@ def test_override_build() -> None:
     assert sum(isinstance(m, nn.Conv2d) for m in mods) == 4
     assert sum(isinstance(m, nn.BatchNorm2d) for m in mods) == 4
     assert sum(isinstance(m, nn.Sigmoid) for m in mods) == 4
-    assert sum(isinstance(m, nn.MaxPool2d) for m in mods) == 4
-    assert not any(isinstance(m, (nn.GroupNorm, nn.ReLU, nn.AvgPool2d)) for m in mods)
+    assert sum(isinstance(m, Pool2x2) and m.mode == "max" for m in mods) == 4
+    assert not any(isinstance(m, (nn.GroupNorm, nn.ReLU)) or (isinstance(m, Pool2x2) and m.mode == "avg") for m in mods)
     assert model.embed_dim == 64 * 2 * 2
     _check_model(model, 3, 32, 10)
     # Overrides win over a preset's defaults too.
@@ -149,7 +150,7 @@ def test_norm_kinds() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model("vgg11", 3, 10, 32).modules())
     # DC-style option names are accepted as aliases.
     m = build_model("convnet", 3, 10, 32, norm="batchnorm", pool="maxpooling")
-    assert isinstance(m.blocks[0].body[1], nn.BatchNorm2d) and isinstance(m.blocks[0].post, nn.MaxPool2d)
+    assert isinstance(m.blocks[0].body[1], nn.BatchNorm2d) and isinstance(m.blocks[0].post, Pool2x2) and m.blocks[0].post.mode == "max"
 
 
 def test_nas_space_builds() -> None:
@@ -279,3 +280,18 @@ def test_device_argument() -> None:
     assert all(p.device.type == "cpu" for p in m.parameters())
     m = build_model("resnet18", 3, 10, 32, device="meta")
     assert all(p.is_meta for p in m.parameters())
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 5, 16, 6), (2, 2, 7, 7)])
+def test_pool2x2_equals_the_library_pooling(mode, shape):
+    from atomdistill.models import Pool2x2
+    import torch.nn.functional as F
+    x = torch.randn(*shape, requires_grad=True)
+    ref = F.avg_pool2d(x, 2) if mode == "avg" else F.max_pool2d(x, 2)
+    out = Pool2x2(mode)(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gref,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gx, gref, atol=1e-6)

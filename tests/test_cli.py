@@ -1,0 +1,80 @@
+"""The command line, end to end on tiny data: what a user types and what they get back."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from atomdistill import SyntheticSet
+from atomdistill.cli import main
+from test_data import write_cifar10
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "atomdistill", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("data", "models", "distill", "evaluate", "baseline", "show", "report"):
+        assert command in out.stdout
+
+
+def test_data_describes_a_cifar_folder(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    assert main(["data", "cifar10", "--data-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10" in out and "32" in out and "airplane" in out
+
+
+def test_missing_and_corrupt_cifar_give_one_clear_line_and_exit_2(tmp_path):
+    out = run_cli("data", "cifar10", "--data-root", str(tmp_path))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "--download" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    root = write_cifar10(tmp_path)
+    batch = next(root.glob("data_batch_3")) if root.name == "cifar-10-batches-py" else \
+        next(tmp_path.glob("cifar-10-batches-py/data_batch_3"))
+    batch.write_bytes(batch.read_bytes()[:100])
+    out = run_cli("data", "cifar10", "--data-root", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "data_batch_3" in out.stderr
+
+
+def test_unknown_names_are_user_errors(tmp_path, capsys):
+    assert main(["data", "imagenet-99"]) == 2
+    assert "digits" in capsys.readouterr().err
+    assert main(["distill", "--method", "magic", "--iterations", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "atom" in capsys.readouterr().err
+    assert main(["distill", "--ipc", "500", "--iterations", "1", "--out", str(tmp_path / "r2")]) == 2
+    assert "--ipc" in capsys.readouterr().err
+
+
+def test_distill_show_resume_and_refuse_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["distill", "--ipc", "1", "--iterations", "3", "--batch-real", "4", "--checkpoint-every", "1",
+            "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "atomdistill evaluate" in out and str(run) in out
+    for name in ("synset.safetensors", "grid.png", "config.json", "metrics.jsonl", "checkpoint.safetensors",
+                 "curves.png"):
+        assert (run / name).exists(), name
+    s = SyntheticSet.load(run)
+    assert s.images.shape == (10, 1, 8, 8) and s.method == "atom"
+    assert json.loads((run / "config.json").read_text())["config"]["iterations"] == 3
+
+    assert main(args) == 2   # never overwritten silently
+    assert "--resume" in capsys.readouterr().err
+    assert main(["distill", "--resume", str(run), "--iterations", "4"]) == 0
+    assert SyntheticSet.load(run).info["iterations_done"] == 4
+
+    assert main(["show", str(run), "--out", str(tmp_path / "g.png"), "--folder", str(tmp_path / "imgs")]) == 0
+    assert (tmp_path / "g.png").exists() and len(list((tmp_path / "imgs").rglob("*.png"))) == 10
+
+
+def test_baseline_writes_a_set(tmp_path, capsys):
+    out = tmp_path / "random.safetensors"
+    assert main(["baseline", "random", "--ipc", "2", "--out", str(out)]) == 0
+    s = SyntheticSet.load(out)
+    assert s.method == "random" and len(s) == 20 and out.with_suffix(".png").exists()

@@ -1,0 +1,168 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import atomdistill.evaluate as ev
+from atomdistill.errors import ConfigError
+from atomdistill.evaluate import evaluate, evaluation_record, full_training_set, train_and_test
+from atomdistill.synset import SyntheticSet
+from atomdistill.zca import ZCA
+
+from conftest import make_dataset
+
+SMALL = {"width": 16}   # a narrow ConvNet keeps the tests fast
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(num_classes=3, per_class=8, test_per_class=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def noisy(data):
+    """Much noisier test images: accuracies land mid-range, so comparisons of them mean something."""
+    g = torch.Generator().manual_seed(5)
+    return dataclasses.replace(data, test_images=data.test_images + 2.5 * torch.randn(data.test_images.shape,
+                                                                                        generator=g))
+
+
+def as_set(data, **kw) -> SyntheticSet:
+    args = dict(images=data.train_images, labels=data.train_labels, class_names=list(data.class_names),
+                mean=tuple(data.mean), std=tuple(data.std), dataset=data.name, method="random")
+    args.update(kw)
+    return SyntheticSet(**args)
+
+
+def run(data, model="convnet", runs=2, epochs=6, **kw):
+    kw.setdefault("model_kwargs", SMALL)
+    return train_and_test(data.train_images, data.train_labels, data.test_images, data.test_labels, model,
+                          runs, epochs, progress=False, **kw)
+
+
+def test_learns_separable_toy_well_above_chance(data):
+    res = evaluate(as_set(data), data, models=["convnet"], runs=2, epochs=8, progress=False)
+    r = res["convnet"]
+    assert set(r) == {"mean", "std", "accs", "seconds"}
+    assert len(r["accs"]) == 2 and r["seconds"] > 0
+    assert r["mean"] > 0.8, r            # chance is 1/3
+    assert r["std"] == pytest.approx(float(np.std(r["accs"])))
+
+
+def test_same_seed_same_accuracies_bitwise(noisy):
+    a = run(noisy, seed=3, epochs=10, batch_size=8, batched=True)
+    assert a == run(noisy, seed=3, epochs=10, batch_size=8, batched=True)
+    assert run(noisy, seed=3, epochs=10, batch_size=8, batched=False) == \
+        run(noisy, seed=3, epochs=10, batch_size=8, batched=False)
+    assert a != run(noisy, seed=4, epochs=10, batch_size=8, batched=True)
+
+
+def test_auto_batches_on_gpu_only(data, monkeypatch):
+    used = []
+    monkeypatch.setattr(ev, "_train_group", lambda spec, ids, *a: used.append("batched") or [0.0] * len(ids))
+    monkeypatch.setattr(ev, "_train_one", lambda spec, ids, *a: used.append("sequential") or [0.0])
+    run(data, runs=2, device="cpu")
+    assert used == ["sequential", "sequential"]
+    with pytest.raises(ConfigError, match="batched"):
+        run(data, batched="yes")
+
+
+def test_batched_matches_sequential(noisy):
+    # Same draws and initial weights; only float rounding differs (vmapped convs sum in another
+    # order), so allow one test image of difference per run.
+    a = run(noisy, runs=3, epochs=15, batch_size=8, batched=True)
+    b = run(noisy, runs=3, epochs=15, batch_size=8, batched=False)
+    assert 0.4 < min(a) and max(a) < 0.95, a          # mid-range: the comparison is not trivial
+    assert np.allclose(a, b, rtol=0, atol=1.0 / len(noisy.test_labels) + 1e-9), (a, b)
+
+
+def test_a_runs_draws_do_not_depend_on_the_other_runs(data, monkeypatch):
+    # Bitwise: run 1 alone is run 1 of three.
+    assert run(data, runs=3, batched=False)[1] == run(data, runs=1, run_ids=[1], batched=False)[0]
+    # The batched path asks for exactly the draws the sequential path asks for.
+    calls = {}
+    for name in ("_draws", "_shuffle", "_fresh_model"):
+        original = getattr(ev, name)
+
+        def spy(*args, _orig=original, _name=name):
+            key = tuple(a for a in args if isinstance(a, int))
+            calls.setdefault(mode, []).append((_name, key))
+            return _orig(*args)
+        monkeypatch.setattr(ev, name, spy)
+    for mode in ("batched", "sequential", "grouped"):
+        run(data, runs=3, epochs=3, batched=mode != "sequential", max_parallel=2 if mode == "grouped" else None)
+    assert sorted(calls["batched"]) == sorted(calls["sequential"]) == sorted(calls["grouped"])
+    assert len(calls["batched"]) > 3 * 4
+
+
+def test_epochs_and_lr_schedule_follow_the_reference(data, monkeypatch):
+    # Reference: range(Epoch+1) passes; lr x0.1 (new optimiser) after pass Epoch//2+1.
+    lrs, shuffles = [], []
+    orig_sgd, orig_shuffle = ev._sgd, ev._shuffle
+    monkeypatch.setattr(ev, "_sgd", lambda p, lr, o: lrs.append(lr) or orig_sgd(p, lr, o))
+    monkeypatch.setattr(ev, "_shuffle", lambda n, s, r, e, d: shuffles.append(e) or orig_shuffle(n, s, r, e, d))
+    steps = []
+    orig_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: steps.append(self.param_groups[0]["lr"])
+                        or orig_step(self, *a))
+    run(data, runs=1, epochs=4, batch_size=10)   # 24 images: 3 steps per pass
+    assert shuffles == [0, 1, 2, 3, 4]
+    assert lrs == pytest.approx([0.01, 0.001])
+    assert steps == pytest.approx([0.01] * 12 + [0.001] * 3)   # passes 0..3 at lr, pass 4 at lr/10
+
+
+def test_batchnorm_models_train_batched_and_sequentially(data, noisy):
+    # Running statistics are stacked buffers updated in place under vmap.
+    a = run(data, "convnet-bn", runs=2, epochs=20, batch_size=8, batched=True)   # 63 steps: running stats settle
+    b = run(data, "convnet-bn", runs=2, epochs=20, batch_size=8, batched=False)
+    assert min(a) > 0.9 and min(b) > 0.9, (a, b)     # eval mode uses the running statistics
+    a = run(noisy, "convnet-bn", runs=2, epochs=20, batch_size=8, batched=True)
+    b = run(noisy, "convnet-bn", runs=2, epochs=20, batch_size=8, batched=False)
+    assert np.allclose(a, b, rtol=0, atol=1.0 / len(noisy.test_labels) + 1e-9), (a, b)
+
+
+def test_mismatched_normalisation_or_shape_raises(data):
+    with pytest.raises(ConfigError, match="another dataset or normalisation"):
+        evaluate(as_set(data, mean=(0.5,)), data, runs=1, epochs=0, progress=False)
+    with pytest.raises(ConfigError, match="another dataset or normalisation"):
+        evaluate(as_set(data, std=(0.2,)), data, runs=1, epochs=0, progress=False)
+    small = as_set(data, images=data.train_images[:, :, :4, :4])
+    with pytest.raises(ConfigError, match="image"):
+        evaluate(small, data, runs=1, epochs=0, progress=False)
+
+
+def test_zca_set_gets_whitened_test_images(data, monkeypatch):
+    zca = ZCA.fit(data.train_images)
+    synset = as_set(data, images=zca(data.train_images), zca=zca)
+    seen = {}
+
+    def spy(images, labels, test_images, test_labels, *a, **kw):
+        seen["test"] = test_images
+        return [0.5]
+    monkeypatch.setattr(ev, "train_and_test", spy)
+    evaluate(synset, data, runs=1, epochs=0, progress=False)
+    assert torch.allclose(seen["test"], zca(data.test_images))
+    assert not torch.allclose(seen["test"], data.test_images, atol=1e-2)
+    evaluate(as_set(data), data, runs=1, epochs=0, progress=False)   # no ZCA: test images as they are
+    assert torch.equal(seen["test"], data.test_images)
+    given = torch.zeros_like(data.test_images)                         # `test` given: used as is
+    evaluate(synset, data, runs=1, epochs=0, progress=False, test=(given, data.test_labels))
+    assert torch.equal(seen["test"], given)
+
+
+def test_full_training_set_and_record(data, tmp_path):
+    full = full_training_set(data)
+    assert full.method == "full" and len(full) == len(data.train_labels)
+    results = {"convnet": {"mean": 0.5, "std": 0.1, "accs": [0.4, 0.6], "seconds": 1.0}}
+    out = tmp_path / "eval.json"
+    rec = evaluation_record(full, results, {"runs": 2, "epochs": 5, "seed": 0}, out=out)
+    assert rec["set"]["ipc"] is None and rec["set"]["method"] == "full" and rec["set"]["path"] is None
+    assert rec["protocol"]["lr"] == 0.01 and rec["protocol"]["runs"] == 2 and rec["protocol"]["batch_size"] == 256
+    hw = rec["hardware"]
+    assert hw["device"] in ("cpu", "cuda") and hw["threads"] >= 1 and hw["torch"] == torch.__version__ and hw["cpu"]
+    assert json.loads(out.read_text()) == rec
+    rec = evaluation_record(as_set(data, config={"seed": 7, "iterations": 100}), results, {}, path="x.safetensors")
+    assert rec["set"]["ipc"] == 8 and rec["set"]["iterations"] == 100 and rec["set"]["seed"] == 7
+    assert rec["set"]["path"] == "x.safetensors" and rec["set"]["num_classes"] == 3
