@@ -1,0 +1,194 @@
+"""The CIFAR-10 benchmark: every method and baseline, one protocol, one table.
+
+    python ../shared/data/cifar10/prepare.py data           # once: CIFAR-10 into data/
+    python bench/cifar10.py --budget cpu --data-root data    # P1 of BENCHMARKS.md, about 75 min on 2 cores
+    python bench/cifar10.py --budget paper --data-root data  # the published protocol, for a GPU
+
+Budgets:
+  cpu    Protocol P1 of ../shared/docs/BENCHMARKS.md, so our rows sit beside the official
+         code's: ConvNet-3 (instance norm), real init, Siamese DSA, no ZCA, 64 real images per
+         class, SGD lr 1 momentum 0.5, 300 iterations at IPC 1 and 200 at IPC 10; evaluation
+         3 fresh ConvNets x 300 epochs. The same iterations, real batch and evaluation for
+         every method: at these iterations the methods have already separated from the
+         random init by several points, which is what ranks them.
+  paper  20,000 iterations, batch_real 256, ZCA, IPC 1/10/50, evaluation 5 x 1000 epochs on
+         ConvNet, AlexNet, VGG-11 and ResNet-18.
+
+Every step runs the `atomdistill` command line in a child process (the commands a user runs),
+so that its peak RSS is its own. Finished steps are skipped when the command is run again,
+so an interrupted benchmark continues. Output in --out: one run folder per method and IPC,
+baseline sets, evaluation records, results.md (table) and accuracy.png (accuracy against
+iterations: the random init at 0, each method at its last iteration).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUDGETS = {
+    "cpu": dict(ipcs=[1, 10], iterations={1: 300, 10: 200}, batch_real=64, zca=False, models=["convnet"],
+                runs=3, epochs=300, speed_window=(20, 120), embed_epochs=1),
+    "paper": dict(ipcs=[1, 10, 50], iterations={1: 20000, 10: 20000, 50: 20000}, batch_real=256, zca=True,
+                  models=["convnet", "alexnet", "vgg11", "resnet18"], runs=5, epochs=1000,
+                  speed_window=(20, 520), embed_epochs=10),
+    # A minute-long check that every step runs (not a result).
+    "smoke": dict(ipcs=[1], iterations={1: 3}, batch_real=8, zca=False, models=["convnet"], runs=1, epochs=1,
+                  speed_window=(1, 3), embed_epochs=1),
+}
+METHODS = ["dm", "datadam", "channel", "atom"]
+BASELINES = ["random", "herding", "kcenter"]
+
+# The official code under P1 (../shared/docs/BENCHMARKS.md), for the table's side-by-side rows.
+OFFICIAL_P1 = {
+    "AMD EPYC": [("DM (ConvNet-IN), official", 1, "26.57 ± 0.47", "18.40 ± 0.24", 0.69, "2.6 GB"),
+                 ("DM (ConvNet-IN), official", 10, "43.24 ± 0.04", "31.33 ± 0.30", 0.90, "2.7 GB"),
+                 ("DataDAM (ConvNet-BN), official", 1, "30.59 ± 0.71", "19.39 ± 0.96", 1.85, "3.5 GB"),
+                 ("DataDAM (ConvNet-BN), official", 10, "45.69 ± 0.70", "29.87 ± 0.31", None, "–")],
+    "Intel Xeon": [("DM (ConvNet-IN), official", 1, "26.64 ± 0.64", "13.30 ± 0.22", 0.52, "2.8 GB"),
+                   ("DM (ConvNet-IN), official", 10, "44.66 ± 0.41", "30.57 ± 0.32", 0.64, "2.8 GB"),
+                   ("DataDAM (ConvNet-BN), official", 1, "29.24 ± 1.09", "19.59 ± 0.41", 1.20, "3.4 GB"),
+                   ("DataDAM (ConvNet-BN), official", 10, "43.78 ± 0.54", "29.79 ± 0.14", 1.45, "3.5 GB")],
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def run_step(cmd: list[str], log: Path) -> dict:
+    """Run one atomdistill command; its wall time and peak RSS (from wait4, this child only)."""
+    print("$ atomdistill " + " ".join(cmd), flush=True)
+    t = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "atomdistill", *cmd], stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"step failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
+    return {"wall_s": time.time() - t, "peak_rss_gb": usage.ru_maxrss / 2**20}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", choices=BUDGETS, default="cpu")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--out", default=None, help="default results/cifar10-BUDGET")
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--baselines", nargs="+", default=BASELINES)
+    p.add_argument("--ipc", type=int, nargs="+", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    b = BUDGETS[args.budget]
+    ipcs = args.ipc or b["ipcs"]
+    out = Path(args.out or f"results/cifar10-{args.budget}")
+    out.mkdir(parents=True, exist_ok=True)
+    steps_file = out / "steps.json"
+    steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
+    data = ["--dataset", "cifar10", "--data-root", args.data_root]
+    evaluate = ["--models", ",".join(b["models"]), "--runs", str(b["runs"]), "--epochs", str(b["epochs"]),
+                "--device", args.device, "--seed", str(args.seed)]
+
+    def step(name: str, cmd: list[str]):
+        if name not in steps:
+            steps[name] = run_step(cmd, out / f"{name}.log")
+            steps_file.write_text(json.dumps(steps, indent=2))
+        return steps[name]
+
+    for ipc in ipcs:
+        for kind in args.baselines:
+            name = f"{kind}-ipc{ipc}"
+            step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(args.seed), "--out",
+                        str(out / f"{name}.safetensors"), "--device", args.device,
+                        "--embed-epochs", str(b.get("embed_epochs", 1)), "--zca" if b["zca"] else "--no-zca", *data])
+            step(f"eval-{name}", ["evaluate", str(out / f"{name}.safetensors"), *data, *evaluate, "--out",
+                                  str(out / f"{name}.eval.json")])
+        for method in args.methods:
+            name = f"{method}-ipc{ipc}"
+            step(name, ["distill", *data, "--ipc", str(ipc), "--method", method, "--iterations",
+                        str(b["iterations"][ipc]), "--batch-real", str(b["batch_real"]),
+                        "--zca" if b["zca"] else "--no-zca", "--seed", str(args.seed), "--log-every", "1",
+                        "--checkpoint-every", "50", "--device", args.device, "--out", str(out / name),
+                        "--overwrite"])
+            step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--out",
+                                  str(out / name / "eval.json")])
+    write_table(out, args, b, ipcs, steps)
+
+
+def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
+    import torch
+    lo, hi = b["speed_window"]
+    lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}, device {args.device}. Evaluation: {b['runs']} ConvNets x {b['epochs']} epochs "
+             f"(instance norm), mean ± std over the models, accuracy %.", "",
+             "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall |",
+             "|---|---|---|---|---|---|---|"]
+    curves = {}
+    for ipc in ipcs:
+        rows = [(k, f"{k}-ipc{ipc}", out / f"{k}-ipc{ipc}.eval.json") for k in args.baselines]
+        rows += [(m, f"{m}-ipc{ipc}", out / f"{m}-ipc{ipc}" / "eval.json") for m in args.methods]
+        for label, name, record in rows:
+            if not record.exists():
+                continue
+            r = json.loads(record.read_text())["results"]["convnet"]
+            acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+            its, speed = "–", "–"
+            metrics = out / name / "metrics.jsonl"
+            if metrics.exists():
+                hist = [json.loads(x) for x in metrics.read_text().splitlines()]
+                times = [h["s_iter"] for h in hist if "s_iter" in h and lo <= h["iteration"] <= hi]
+                its = str(max(h["iteration"] for h in hist))
+                speed = f"{statistics.median(times):.3f}" if times else "–"
+                curves.setdefault(ipc, {})[label] = (int(its), 100 * r["mean"], 100 * r["std"])
+            s = steps.get(name, {})
+            wall = s.get("wall_s", 0)
+            lines.append(f"| {label} | {ipc} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
+                         f"{int(wall // 60)} min {int(wall % 60):02d} s |")
+    cpu = cpu_name()
+    for vendor, rows in OFFICIAL_P1.items():
+        if args.budget == "cpu" and vendor.split()[0] in cpu:
+            lines += ["", f"The official code under P1 on {vendor} (../shared/docs/BENCHMARKS.md):", "",
+                      "| method | IPC | final accuracy % | random-init accuracy % | s/iter | peak RSS |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {i} | {a} | {r} | {s if s else '–'} | {mem} |" for m, i, a, r, s, mem in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_curves(out, ipcs, curves)
+
+
+def plot_curves(out: Path, ipcs, curves):
+    from atomdistill.plots import _pyplot
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.6), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        rows = curves.get(ipc, {})
+        base = json.loads((out / f"random-ipc{ipc}.eval.json").read_text())["results"]["convnet"] \
+            if (out / f"random-ipc{ipc}.eval.json").exists() else None
+        for label, (its, mean, std) in rows.items():
+            xs, ys, es = [its], [mean], [std]
+            if base is not None:   # iteration 0 is the random real init (same seed): the random baseline
+                xs, ys, es = [0] + xs, [100 * base["mean"]] + ys, [100 * base["std"]] + es
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_title(f"CIFAR-10, IPC {ipc}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("ConvNet test accuracy %")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
