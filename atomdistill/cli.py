@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embedding", default="trained", choices=("trained", "random", "pixels"),
-                   help="feature space of herding/k-center")
+                   help="feature space of herding/k-center: a ConvNet trained on the whole train split "
+                        "(default), a random ConvNet, or pixels")
+    p.add_argument("--embed-epochs", type=int, default=2, help="epochs of that ConvNet's training")
     p.add_argument("--zca", dest="zca", action="store_true", default=None)
     p.add_argument("--no-zca", dest="zca", action="store_false")
     p.add_argument("--device", default="auto")
@@ -108,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set")
     p.add_argument("--out", default="grid.png")
     p.add_argument("--folder", default=None, help="also export one PNG per image into this folder")
+
+    p = sub.add_parser("nas", help="architecture search with a proxy set: does it rank ConvNets like whole data?")
+    p.add_argument("--proxy", required=True,
+                   help="a synthetic set (.safetensors or run folder), 'random' (with --ipc) or 'full' (early-stopped)")
+    _add_data_args(p)
+    p.add_argument("--space", default="small", help="small (24 ConvNets), paper (720) or a JSON/YAML grid file")
+    p.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2",
+                   help="replace one option of the space, e.g. depth=2,3 (repeatable; keys: depth, width, act, norm, pool)")
+    p.add_argument("--epochs", type=int, default=None, help="proxy training epochs (default 300; 2 for 'full')")
+    p.add_argument("--full-epochs", type=int, default=20, help="whole-data training epochs (the ground truth)")
+    p.add_argument("--runs", type=int, default=1, help="networks per candidate on the proxy")
+    p.add_argument("--full-runs", type=int, default=1, help="networks per candidate on the whole data")
+    p.add_argument("--ipc", type=int, default=None, help="images per class of the 'random' proxy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="result folder (default runs/nas-DATASET-PROXY)")
+    p.add_argument("--cache-dir", default=None, help="whole-data results cache (default ~/.cache/atomdistill/nas)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder recorded with other options")
 
     p = sub.add_parser("report", help="markdown table and figure from evaluation records")
     p.add_argument("records", nargs="+", help="eval JSON files or run folders")
@@ -135,12 +155,21 @@ def cmd_models(args):
 
 
 def cmd_distill(args):
-    from .distill import distill, resume
+    from .distributed import process_group
     options = {k: getattr(args, k) for k in (
         "iterations", "lr", "momentum", "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device",
         "checkpoint_every", "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
         "eval_models", "eval_runs", "eval_epochs")}
     options = {k: v for k, v in options.items() if v is not None}
+    # Under torchrun with 2+ processes the classes are sharded over them (docs/distributed.md).
+    with process_group(options.get("device", "auto")) as group:
+        _distill(args, options, group)
+
+
+def _distill(args, options, group):
+    from .distill import distill, resume
+    if group is not None:
+        distill, resume = group.distill, group.resume
     if args.resume:
         run_dir = Path(args.resume)
         synset = resume(run_dir, iterations=options.get("iterations"), device=options.get("device"))
@@ -150,15 +179,28 @@ def cmd_distill(args):
             options["image_size"] = args.image_size
         if args.download:   # fetch before the run so the loop itself never downloads
             from .data import load_dataset
-            load_dataset(args.dataset, args.data_root, download=True)
+            if group is None:
+                load_dataset(args.dataset, args.data_root, download=True)
+            else:   # one download per machine, and every process hears if it failed
+                group.agree(lambda: group.local_rank == 0 and load_dataset(args.dataset, args.data_root,
+                                                                            download=True))
         synset = distill(args.dataset, ipc=args.ipc, method=args.method, out=run_dir, overwrite=args.overwrite,
                          data_root=args.data_root, **options)
+    if group is not None and not group.main:
+        return
     print(f"\nsynthetic set: {run_dir / 'synset.safetensors'}  ({len(synset)} images, grid: {run_dir / 'grid.png'})")
     data_root = f" --data-root {synset.config.get('data_root')}" if synset.config.get("data_root") else ""
     print(f"evaluate it:   atomdistill evaluate {run_dir} --dataset {synset.dataset}{data_root}")
 
 
 def cmd_evaluate(args):
+    from .distributed import process_group
+    # Under torchrun with 2+ processes the (model, run) trainings are spread over them.
+    with process_group(args.device) as group:
+        _evaluate(args, group)
+
+
+def _evaluate(args, group):
     from .data import load_dataset
     from .evaluate import evaluate, evaluation_record, full_training_set
     from .io import write_json
@@ -168,10 +210,15 @@ def cmd_evaluate(args):
         synset, default_out = full_training_set(data), Path(f"eval-{data.name.replace(':', '_').replace('/', '_')}-full.json")
     else:
         synset = SyntheticSet.load(args.set)
-        default_out = (Path(args.set) if Path(args.set).is_dir() else Path(args.set).parent) / "eval.json"
+        # a run folder gets eval.json; a set file gets NAME.eval.json beside it
+        default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
     protocol = {"runs": args.runs, "epochs": args.epochs, "seed": args.seed}
+    if group is not None:
+        evaluate = group.evaluate
     results = evaluate(synset, data, models=args.models, runs=args.runs, epochs=args.epochs, seed=args.seed,
                        device=args.device, batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+    if group is not None and not group.main:
+        return
     out = Path(args.out) if args.out else default_out
     record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
                                device=args.device)
@@ -189,7 +236,7 @@ def cmd_baseline(args):
     from .data import load_dataset
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
-                            device=args.device, zca=args.zca)
+                            embed_epochs=args.embed_epochs, device=args.device, zca=args.zca)
     out = synset.save(args.out)
     synset.save_grid(out.with_suffix(".png"))
     print(f"{args.kind} coreset: {out} ({len(synset)} images), grid: {out.with_suffix('.png')}")
@@ -211,8 +258,20 @@ def cmd_report(args):
     print(f"\nwritten: {args.out}")
 
 
+def cmd_nas(args):
+    from .data import load_dataset
+    from .nas import search
+    data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
+    r = search(args.proxy, data, args.space, grid=args.grid, epochs=args.epochs, full_epochs=args.full_epochs,
+               runs=args.runs, full_runs=args.full_runs, ipc=args.ipc, seed=args.seed, device=args.device,
+               out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite)
+    out = Path(r["out_dir"])
+    print("\n" + (out / "nas.md").read_text())
+    print(f"written: {out / 'nas.md'}, {out / 'nas.json'}, {out / 'nas.png'}")
+
+
 COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "evaluate": cmd_evaluate,
-            "baseline": cmd_baseline, "show": cmd_show, "report": cmd_report}
+            "baseline": cmd_baseline, "show": cmd_show, "nas": cmd_nas, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"\natomdistill {args.command}: interrupted"
-              + ("; continue with --resume RUN_DIR" if args.command == "distill" else ""), file=sys.stderr)
+              + ("; continue with --resume RUN_DIR" if args.command == "distill" else
+                 "; run the same command again to continue" if args.command == "nas" else ""), file=sys.stderr)
         return 130
     return 0
 

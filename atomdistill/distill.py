@@ -189,14 +189,18 @@ def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: st
 
 def resume(run_dir: str | Path, progress: bool = True, **overrides) -> SyntheticSet:
     """Continue an interrupted run from its folder (overrides: e.g. iterations to extend it)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
+    return Distiller(load_run_config(run_dir, **overrides), out=run_dir, resume=True, progress=progress).run()
+
+
+def load_run_config(run_dir: str | Path, **overrides) -> DistillConfig:
+    """The configuration saved in a run folder, with the non-None `overrides` applied."""
+    cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.exists():
         raise AtomDistillError(f"{run_dir} is not a run folder (no config.json); pass the --out folder of "
                                "an earlier `atomdistill distill`")
     saved = json.loads(cfg_path.read_text())["config"]
     saved.update({k: v for k, v in overrides.items() if v is not None})
-    return Distiller(DistillConfig.from_dict(saved), out=run_dir, resume=True, progress=progress).run()
+    return DistillConfig.from_dict(saved)
 
 
 class Distiller:
@@ -209,7 +213,7 @@ class Distiller:
         self.out = Path(out) if out is not None else None
         self.resume, self.progress = resume, progress
         if self.out is not None and not resume:
-            _check_run_dir(self.out, overwrite)
+            self._check_out(overwrite)
         self.device = resolve_device(config.device)
         if data is None:
             data = load_dataset(config.dataset, config.data_root, image_size=config.image_size, classes=classes)
@@ -234,12 +238,19 @@ class Distiller:
         self.syn_labels = torch.arange(data.num_classes, device=self.device).repeat_interleave(self.config.ipc)
 
     def _check_ipc(self):
-        counts = [len(i) for i in self.data.class_indices()]
-        small = [(self.data.class_names[k], n) for k, n in enumerate(counts) if n < self.config.ipc]
-        if small:
-            name, n = small[0]
-            raise ConfigError(f"--ipc {self.config.ipc} is larger than class {name!r}, which has {n} training "
-                              f"images; use --ipc {min(counts)} or less")
+        check_ipc(self.data, self.config.ipc)
+
+    # Seams for atomdistill.distributed.ShardedDistiller, which runs them across processes.
+    def _check_out(self, overwrite: bool):
+        _check_run_dir(self.out, overwrite)
+
+    def _write_config(self):
+        write_json(self.out / "config.json", {"config": self.config.to_dict(),
+                                               "weights": dataclasses.asdict(self.weights)})
+
+    def _reduce_loss(self, loss: torch.Tensor, terms: dict) -> tuple[torch.Tensor, dict]:
+        """The loss to check and log: this process's own (a sharded run sums it over processes)."""
+        return loss.detach(), terms
 
     # ---- one iteration ----------------------------------------------------------------------
     def step_loss(self, syn: torch.Tensor, iteration: int):
@@ -272,8 +283,7 @@ class Distiller:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
                                                cfg.init, cfg.seed), None)
             if self.out is not None:
-                self.out.mkdir(parents=True, exist_ok=True)
-                write_json(self.out / "config.json", {"config": cfg.to_dict(), "weights": dataclasses.asdict(self.weights)})
+                self._write_config()
         syn = state.images.to(self.device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr, momentum=cfg.momentum)
         if state.momentum is not None:
@@ -283,26 +293,29 @@ class Distiller:
                    desc=f"{cfg.method} ipc={cfg.ipc}", dynamic_ncols=True)
         t0, done_at_start = time.perf_counter(), state.iteration
         for it in range(state.iteration, cfg.iterations):
+            t_iter = time.perf_counter()
             loss, terms = self.step_loss(syn, it)
-            if not torch.isfinite(loss):
+            total, terms = self._reduce_loss(loss, terms)
+            if not torch.isfinite(total):
                 raise AtomDistillError(
-                    f"the matching loss became {loss.item()} at iteration {it}; lower --lr or the loss "
+                    f"the matching loss became {total.item()} at iteration {it}; lower --lr or the loss "
                     f"--scale (now {cfg.lr} and {self.weights.scale})"
                     + (f"; the last good checkpoint is in {self.out}" if self.out else ""))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             done = it + 1
+            t_iter = time.perf_counter() - t_iter
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 elapsed = time.perf_counter() - t0
-                row = {"iteration": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-                       "s_per_iter": elapsed / (done - done_at_start)}
+                row = {"iteration": done, "loss": total.item(), **{k: v.item() for k, v in terms.items()},
+                       "s_iter": t_iter, "s_per_iter": elapsed / (done - done_at_start)}
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
                 history.append({"iteration": done, "eval": self.evaluate(syn)})
-                bar.set_postfix(loss=f"{loss.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
+                bar.set_postfix(loss=f"{total.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
             if self.out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history))
         bar.close()
@@ -374,6 +387,16 @@ _EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpo
 
 def _result_fields(cfg: DistillConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS}
+
+
+def check_ipc(data: ImageDataset, ipc: int):
+    """ConfigError unless every class of `data` has at least `ipc` training images."""
+    counts = [len(i) for i in data.class_indices()]
+    small = [(data.class_names[k], n) for k, n in enumerate(counts) if n < ipc]
+    if small:
+        name, n = small[0]
+        raise ConfigError(f"--ipc {ipc} is larger than class {name!r}, which has {n} training "
+                          f"images; use --ipc {min(counts)} or less")
 
 
 def write_metrics(path: Path, history: list[dict]):

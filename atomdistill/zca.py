@@ -45,21 +45,55 @@ class ZCA:
         n = x.shape[0]
         if n < 2:
             raise DatasetError(f"ZCA needs at least 2 images to estimate a covariance, got {n}; fit on the training set.")
-        flat = x.reshape(n, -1)
+        mean = cls.sum(x, chunk) / n
+        return cls.from_moments(mean, cls.scatter(x, mean, chunk), n, eps, chunk=chunk)
+
+    # The fit in three parts, so that processes holding disjoint parts of the data can fit together
+    # (atomdistill.distributed): sum -> all-reduce -> mean; scatter -> all-reduce -> from_moments.
+    @staticmethod
+    def sum(x: Tensor, chunk: int = 4096) -> Tensor:
+        """Float64 sum of the flattened images ``x`` [N, ...] -> [D] (on x's device)."""
+        flat = x.reshape(x.shape[0], -1)
+        chunk = max(1, int(chunk))
+        if flat.device.type == "cpu":
+            total = np.zeros(flat.shape[1], dtype=np.float64)
+            for i in range(0, flat.shape[0], chunk):
+                total += flat[i : i + chunk].detach().double().sum(0).numpy()
+            return torch.from_numpy(total)
+        total_t = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+        for i in range(0, flat.shape[0], chunk):
+            total_t += flat[i : i + chunk].detach().double().sum(0)
+        return total_t
+
+    @staticmethod
+    def scatter(x: Tensor, mean: Tensor, chunk: int = 4096) -> Tensor:
+        """Float64 ``sum_i (x_i - mean)(x_i - mean)^T`` -> [D, D]; centred first, so no cancellation."""
+        flat = x.reshape(x.shape[0], -1)
         d = flat.shape[1]
         chunk = max(1, int(chunk))
         if flat.device.type == "cpu":
-            # numpy's `a.T @ a` dispatches to BLAS syrk (half the flops of a general matmul), and its
-            # LAPACK eigh is several times faster than torch's CPU eigh here (about 4 s vs 16 s at D=3072).
-            mean = np.zeros(d, dtype=np.float64)
-            for i in range(0, n, chunk):
-                mean += flat[i : i + chunk].detach().double().sum(0).numpy()
-            mean /= n
+            # numpy's `a.T @ a` dispatches to BLAS syrk (half the flops of a general matmul).
+            m = mean.detach().double().cpu().numpy()
             cov = np.zeros((d, d), dtype=np.float64)
-            for i in range(0, n, chunk):
-                c = flat[i : i + chunk].detach().double().numpy() - mean  # centre first: no cancellation
+            for i in range(0, flat.shape[0], chunk):
+                c = flat[i : i + chunk].detach().double().numpy() - m
                 cov += c.T @ c
-            cov /= n - 1
+            return torch.from_numpy(cov)
+        m_t = mean.detach().double().to(flat.device)
+        cov_t = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
+        for i in range(0, flat.shape[0], chunk):
+            c = flat[i : i + chunk].detach().double() - m_t
+            cov_t += c.T @ c
+        return cov_t
+
+    @classmethod
+    def from_moments(cls, mean: Tensor, scatter: Tensor, n: int, eps: float = 0.1, chunk: int = 4096) -> "ZCA":
+        """The transform from the mean [D] and centred scatter [D, D] of ``n`` images (unbiased covariance)."""
+        if n < 2:
+            raise DatasetError(f"ZCA needs at least 2 images to estimate a covariance, got {n}; fit on the training set.")
+        if mean.device.type == "cpu":
+            # numpy's LAPACK eigh is several times faster than torch's CPU eigh here (about 4 s vs 16 s at D=3072).
+            cov = scatter.detach().double().cpu().numpy() / (n - 1)
             evals, evecs = np.linalg.eigh(cov)
             # Tiny negative eigenvalues are round-off of a PSD matrix (kornia's SVD returns them as |.|, but
             # they are swamped by eps either way).
@@ -69,21 +103,13 @@ class ZCA:
             w = a @ a.T
             a = evecs * (evals + eps) ** 0.25
             winv = a @ a.T
-            return cls(torch.from_numpy(mean), torch.from_numpy(w), torch.from_numpy(winv), chunk=chunk)
-        mean_t = torch.zeros(d, dtype=torch.float64, device=flat.device)
-        for i in range(0, n, chunk):
-            mean_t += flat[i : i + chunk].detach().double().sum(0)
-        mean_t /= n
-        cov_t = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
-        for i in range(0, n, chunk):
-            c = flat[i : i + chunk].detach().double() - mean_t
-            cov_t += c.T @ c
-        cov_t /= n - 1
+            return cls(mean.detach().double().cpu(), torch.from_numpy(w), torch.from_numpy(winv), chunk=chunk)
+        cov_t = scatter.detach().double().to(mean.device) / (n - 1)
         evals_t, evecs_t = torch.linalg.eigh(cov_t)
         evals_t = evals_t.clamp_min(0.0)
         w_t = (evecs_t * torch.rsqrt(evals_t + eps)) @ evecs_t.T
         winv_t = (evecs_t * torch.sqrt(evals_t + eps)) @ evecs_t.T
-        return cls(mean_t, w_t, winv_t, chunk=chunk)
+        return cls(mean.detach().double(), w_t, winv_t, chunk=chunk)
 
     def _check(self, x: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
