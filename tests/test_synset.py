@@ -59,7 +59,7 @@ def test_grid_and_folder_export(tmp_path):
     files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png"))
     assert files == ["a/0000.png", "a/0001.png", "b/0000.png", "b/0001.png", "c_d/0000.png", "c_d/0001.png"]
     _set(channels=1).save_grid(tmp_path / "gray.png")
-    gray = torch.from_numpy(np.asarray(Image.open(tmp_path / "gray.png").convert("RGB"))).reshape(-1, 3)
+    gray = torch.from_numpy(np.array(Image.open(tmp_path / "gray.png").convert("RGB"))).reshape(-1, 3)
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
 
 
