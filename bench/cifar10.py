@@ -90,6 +90,7 @@ def main():
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
     b = BUDGETS[args.budget]
     ipcs = args.ipc or b["ipcs"]
@@ -107,14 +108,19 @@ def main():
             steps_file.write_text(json.dumps(steps, indent=2))
         return steps[name]
 
-    for ipc in ipcs:
-        for kind in args.baselines:
-            name = f"{kind}-ipc{ipc}"
-            step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(args.seed), "--out",
-                        str(out / f"{name}.safetensors"), "--device", args.device,
-                        "--embed-epochs", str(b.get("embed_epochs", 1)), "--zca" if b["zca"] else "--no-zca", *data])
-            step(f"eval-{name}", ["evaluate", str(out / f"{name}.safetensors"), *data, *evaluate, "--out",
-                                  str(out / f"{name}.eval.json")])
+    def baseline(kind: str, ipc: int):
+        name = f"{kind}-ipc{ipc}"
+        step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(args.seed), "--out",
+                    str(out / f"{name}.safetensors"), "--device", args.device,
+                    "--embed-epochs", str(b.get("embed_epochs", 1)), "--zca" if b["zca"] else "--no-zca", *data])
+        step(f"eval-{name}", ["evaluate", str(out / f"{name}.safetensors"), *data, *evaluate, "--out",
+                              str(out / f"{name}.eval.json")])
+
+    # Order: the cheap random baseline (= every method's iteration 0), the methods, then the
+    # baselines that first train an embedding network; --table-only just rewrites the table.
+    for ipc in [] if args.table_only else ipcs:
+        if "random" in args.baselines:
+            baseline("random", ipc)
         for method in args.methods:
             name = f"{method}-ipc{ipc}"
             step(name, ["distill", *data, "--ipc", str(ipc), "--method", method, "--iterations",
@@ -124,6 +130,10 @@ def main():
                         "--overwrite"])
             step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--out",
                                   str(out / name / "eval.json")])
+    for ipc in [] if args.table_only else ipcs:
+        for kind in args.baselines:
+            if kind != "random":
+                baseline(kind, ipc)
     write_table(out, args, b, ipcs, steps)
 
 
