@@ -259,12 +259,27 @@ def cmd_report(args):
 
 
 def cmd_nas(args):
+    from .distributed import process_group
+    # Under torchrun with 2+ processes the candidates are dealt over them; rank 0 writes and prints.
+    with process_group(args.device) as group:
+        _nas(args, group)
+
+
+def _nas(args, group):
     from .data import load_dataset
     from .nas import search
-    data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
+    if args.download and group is not None:   # one download per machine, and every process hears if it failed
+        group.agree(lambda: group.local_rank == 0 and load_dataset(args.dataset, args.data_root, download=True))
+    def load():
+        return load_dataset(args.dataset, args.data_root, download=args.download and group is None,
+                            image_size=args.image_size)
+
+    data = load() if group is None else group.agree(load)   # a rank missing the data stops them all
     r = search(args.proxy, data, args.space, grid=args.grid, epochs=args.epochs, full_epochs=args.full_epochs,
                runs=args.runs, full_runs=args.full_runs, ipc=args.ipc, seed=args.seed, device=args.device,
-               out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite)
+               out_dir=args.out, cache_dir=args.cache_dir, overwrite=args.overwrite, group=group)
+    if group is not None and not group.main:
+        return
     out = Path(r["out_dir"])
     print("\n" + (out / "nas.md").read_text())
     print(f"written: {out / 'nas.md'}, {out / 'nas.json'}, {out / 'nas.png'}")

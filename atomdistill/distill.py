@@ -223,7 +223,7 @@ class Distiller:
         self.config = config.resolved(data.image_size)
         self.weights = self.config.weights()
         self._check_ipc()
-        # ZCA lives in the data: fitted on the training split, applied to train and test images.
+        # ZCA: fitted on the whole training split (or handed in, e.g. fitted across processes).
         self.zca = zca
         if self.config.zca and self.zca is None:
             self.zca = ZCA.fit(data.train_images)

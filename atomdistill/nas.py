@@ -40,6 +40,14 @@ different functions and cannot share a vmapped step. The proxy can be trained fo
 Resumable: each finished candidate is written at once (atomically) to ``out_dir/candidates.json``
 and to the ground-truth cache; running the same search again skips what is done. Different
 options than those recorded raise ConfigError naming them (``overwrite=True`` starts afresh).
+
+Across processes (``group``, a distributed.ProcessGroup; ``torchrun ... -m atomdistill nas``): the
+candidates not yet done are dealt in rounds of one per rank, round-robin in candidate order, for
+the proxy and for the whole-data trainings alike. Every candidate's training draws only from
+(seed, run), never from which rank or in what order it runs, so the results equal one process's.
+After each round the results are gathered on every rank and rank 0, the only one that reads or
+writes files, records them (candidates.json, the cache); an interruption loses at most the round
+in training.
 """
 from __future__ import annotations
 
@@ -50,7 +58,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +70,9 @@ from .errors import ConfigError
 from .io import write_json, write_text
 from .models import _ACT_ALIASES, _NORM_ALIASES, _POOL_ALIASES, build_model
 from .synset import SyntheticSet
+
+if TYPE_CHECKING:
+    from .distributed import ProcessGroup
 
 KEYS = ("depth", "width", "act", "norm", "pool")
 DEFAULTS = {"depth": 3, "width": 128, "act": "relu", "norm": "instance", "pool": "avg"}   # ConvNet
@@ -231,14 +242,17 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
            seed: int = 0, dsa: str | None = "color_crop_cutout_flip_scale_rotate", device: str | torch.device = "auto",
            batched: bool | str = "auto", out_dir: str | os.PathLike | None = None,
            cache_dir: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-           overwrite: bool = False, progress: bool = True, train_fn: TrainFn | None = None) -> dict:
+           overwrite: bool = False, progress: bool = True, train_fn: TrainFn | None = None,
+           group: "ProcessGroup | None" = None) -> dict:
     """Rank every candidate of ``space`` by training on ``proxy`` and on the whole data.
 
     ``proxy``: a SyntheticSet or its path; ``'random'`` (``ipc`` random real images per class,
     baselines.select_coreset, ZCA on CIFAR like a distilled set) or ``'full'`` (the whole training
     set, early-stopped at ``epochs``). ``epochs`` defaults to 300 for a set, 2 for 'full'.
     ``train_fn``: replaces evaluate.train_and_test (same call), e.g. in tests.
-    Returns the summary written to ``out_dir/nas.json`` (also nas.md, nas.png, candidates.json)."""
+    ``group``: a distributed.ProcessGroup to deal the candidates over (its device replaces ``device``).
+    Returns the summary written to ``out_dir/nas.json`` (also nas.md, nas.png, candidates.json);
+    with a group, on every rank."""
     from .evaluate import DEFAULT_DSA, check_compatible, train_and_test
 
     if dsa == "none":
@@ -254,7 +268,10 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     for what, v in (("runs", runs), ("full_runs", full_runs)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{what} must be an integer >= 1; got {v!r}")
-    dev = resolve_device(device)
+    dev = group.device if group is not None else resolve_device(device)
+    # File reads and writes happen on rank 0 alone; every rank gets their result (or error).
+    on_main = group.on_main if group is not None else (lambda fn, *a, **k: fn(*a, **k))
+    rank, world = (group.rank, group.world_size) if group is not None else (0, 1)
 
     # The proxy, its test images (in its own space: ZCA if it has one) and what identifies it.
     if kind == "full":
@@ -301,13 +318,13 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
                "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name}
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"nas-{_safe(data.name)}-{label}"
     record_path = out_dir / "candidates.json"
-    done = _open_record(record_path, options, overwrite)
+    done = on_main(_open_record, record_path, options, overwrite)
 
     gt_key = {"dataset": ds_id, "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name,
               "protocol": "evaluate.train_and_test defaults (SGD 0.01, momentum 0.9, wd 5e-4, batch 256)"}
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_path = cache_dir / f"{_safe(data.name)}-{_hash_json(gt_key)}.json"
-    truth = _open_cache(cache_path, gt_key)
+    truth = on_main(_open_cache, cache_path, gt_key)
 
     common = dict(seed=seed, device=dev, progress=False, batched=batched, num_classes=data.num_classes, dsa=dsa)
 
@@ -317,16 +334,30 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
             return
         x, y = x.to(dev, torch.float32), y.to(dev, torch.long)
         xt, yt = xt.to(dev, torch.float32), data.test_labels.to(dev, torch.long)
-        bar = tqdm(todo, desc=what, unit="net", disable=not progress, dynamic_ncols=True)
-        for cfg in bar:
-            name = candidate_name(cfg)
-            bar.set_postfix_str(name)
+        bar = tqdm(total=len(todo), desc=what, unit="net", disable=not (progress and rank == 0),
+                   dynamic_ncols=True)
+
+        def train(cfg: dict | None) -> dict:
+            if cfg is None:   # the last round has fewer candidates than ranks
+                return {}
             t0 = time.perf_counter()
             accs = [float(a) for a in train_fn(x, y, xt, yt, "convnet", n_runs, n_epochs, model_kwargs=dict(cfg),
                                                **common)]
-            todo_store[name] = {"config": cfg, "acc": float(np.mean(accs)), "accs": accs,
-                                "seconds": time.perf_counter() - t0}
-            write_json(path, record)   # at once: an interruption loses at most the candidate in training
+            return {candidate_name(cfg): {"config": cfg, "acc": float(np.mean(accs)), "accs": accs,
+                                          "seconds": time.perf_counter() - t0}}
+
+        for start in range(0, len(todo), world):   # one candidate per rank per round
+            round_ = todo[start:start + world]
+            bar.set_postfix_str(", ".join(map(candidate_name, round_)))
+            mine = round_[rank] if rank < len(round_) else None
+            if group is None:
+                todo_store.update(train(mine))
+            else:   # a rank's failure reaches every rank here instead of as a hang
+                own = group.agree(train, mine)
+                for share in group.all_gather_object(own, f"gathering the {what} results"):
+                    todo_store.update(share)
+            on_main(write_json, path, record)   # at once: an interruption loses at most this round
+            bar.update(len(round_))
         bar.close()
 
     run_all(done["candidates"], record_path, done, images, labels, test_images, runs, epochs,
@@ -340,10 +371,14 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
               "space": {"name": space_name, "grid": grid_used, "candidates": len(cands), "skipped": skipped},
               "options": {k: v for k, v in options.items() if k not in ("dataset", "proxy", "grid")},
               "device": dev.type, "out_dir": str(out_dir), "cache": str(cache_path), **summary}
+    on_main(_write_outputs, result, out_dir)
+    return result
+
+
+def _write_outputs(result: dict, out_dir: Path) -> None:
     write_json(out_dir / "nas.json", _json_safe(result))
     write_text(out_dir / "nas.md", format_markdown(result))
     plot(result, out_dir / "nas.png")
-    return result
 
 
 def summarise(cands: list[dict], proxy: dict, truth: dict) -> dict:

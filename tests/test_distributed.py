@@ -1,6 +1,7 @@
 """Class-sharded runs over real process groups (gloo, 2 CPU processes) equal single-process runs."""
 import functools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,12 +16,16 @@ import torch.multiprocessing as mp
 from atomdistill import SyntheticSet, distill, load_dataset, resume
 from atomdistill.distributed import check_shardable, count_classes, launched, process_group, shard_classes
 from atomdistill.errors import AtomDistillError, ConfigError
-from atomdistill.evaluate import evaluate
+from atomdistill.evaluate import evaluate, train_and_test
+from atomdistill.nas import candidate_name, candidates, search
 from atomdistill.zca import ZCA
 
 # Tiny runs on the embedded digits (10 classes, 8x8): a few seconds per process group.
 RUN = dict(ipc=2, iterations=3, batch_real=8, log_every=1, checkpoint_every=1, zca=True, seed=3, device="cpu")
 EVAL_EVERY = dict(ipc=1, iterations=2, batch_real=4, eval_every=1, eval_runs=3, eval_epochs=1, seed=4, device="cpu")
+# A 4-candidate search with a random ipc-2 proxy: 2 rounds of 2 candidates over 2 ranks.
+NAS = dict(ipc=2, epochs=2, full_epochs=1, seed=5, device="cpu", progress=False)
+NAS_GRID = {"depth": [1, 2], "width": [4], "act": ["relu", "sigmoid"], "norm": ["instance"], "pool": ["avg"]}
 
 
 def _free_port() -> int:
@@ -46,6 +51,35 @@ def _job_session(group, tmp, checkpoint_1proc):
         except ConfigError as e:
             messages.append(str(e))
     out["config_errors"] = messages
+    out.update(_nas_session(group, tmp, data))
+    return out
+
+
+class _CountingTrain:
+    """evaluate.train_and_test, recording which candidates this rank trains (and failing on request)."""
+
+    def __init__(self, fail_at_call=None):
+        self.calls, self.fail_at_call = [], fail_at_call
+
+    def __call__(self, images, *args, model_kwargs, **kw):
+        if len(self.calls) == self.fail_at_call:
+            raise RuntimeError("injected failure")
+        self.calls.append(("proxy" if len(images) < 100 else "whole", candidate_name(model_kwargs)))
+        return train_and_test(images, *args, model_kwargs=model_kwargs, **kw)
+
+
+def _nas_session(group, tmp, data):
+    """A search whose rank 1 fails in the second round, then the same search run again to finish."""
+    out = {}
+    kw = dict(out_dir=tmp / "nas2", cache_dir=tmp / "nas2-cache", group=group, **NAS)
+    try:   # rank 1 trains the proxy of candidates 1 then 3: the second fails
+        search("random", data, NAS_GRID, train_fn=_CountingTrain(1 if group.rank == 1 else None), **kw)
+    except Exception as e:
+        out["nas_error"] = (type(e).__name__, str(e))
+    out["nas_recorded"] = list(json.loads((tmp / "nas2" / "candidates.json").read_text())["candidates"])
+    train = _CountingTrain()
+    out["nas"] = search("random", data, NAS_GRID, train_fn=train, **kw)
+    out["nas_calls"] = train.calls
     return out
 
 
@@ -244,6 +278,35 @@ def test_evaluation_during_a_sharded_run_equals_one_process(session, tmp_path):
     assert len(sharded) == len(single_process) == 2
     for a, b in zip(sharded, single_process):   # images equal to ~1e-7: at most a test image may flip
         assert a["convnet"]["mean"] == pytest.approx(b["convnet"]["mean"], abs=2 / 540)
+
+
+def test_nas_candidates_spread_over_ranks_equal_one_process(session, tmp_path):
+    tmp, results = session
+    names = [candidate_name(c) for c in candidates(NAS_GRID)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as in the workers
+    try:
+        ref = search("random", load_dataset("digits"), NAS_GRID, out_dir=tmp_path / "nas1",
+                     cache_dir=tmp_path / "cache1", **NAS)
+    finally:
+        torch.set_num_threads(threads)
+    assert len({c["whole_acc"] for c in ref["candidates"]}) > 1   # the candidates differ: equality means something
+    # The interrupted search: every rank stopped with rank 1's error; round 1 (candidates 0, 1) was recorded.
+    assert results[1]["nas_error"] == ("RuntimeError", "injected failure")
+    assert results[0]["nas_error"][0] == "AtomDistillError" and "rank 1 failed" in results[0]["nas_error"][1]
+    assert results[0]["nas_recorded"] == names[:2]
+    # The re-run trained only what was missing, candidates dealt round-robin over the ranks.
+    assert results[0]["nas_calls"] == [("proxy", names[2]), ("whole", names[0]), ("whole", names[2])]
+    assert results[1]["nas_calls"] == [("proxy", names[3]), ("whole", names[1]), ("whole", names[3])]
+    written = json.loads((tmp / "nas2" / "nas.json").read_text())
+    for r in (*(r["nas"] for r in results), written):
+        assert [c["name"] for c in r["candidates"]] == names
+        for c, c_ref in zip(r["candidates"], ref["candidates"]):
+            assert (c["proxy_accs"], c["whole_accs"]) == (c_ref["proxy_accs"], c_ref["whole_accs"]), c["name"]
+        for key in ("spearman", "spearman_top"):
+            assert r[key] == pytest.approx(ref[key], nan_ok=True) or (r[key] is None and math.isnan(ref[key]))
+        assert r["pick"] == ref["pick"] and r["best"] == ref["best"]
+    assert len(json.loads((tmp / "nas2" / "candidates.json").read_text())["candidates"]) == 4
 
 
 def test_configuration_errors_reach_every_rank_without_a_hang(session):
