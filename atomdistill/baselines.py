@@ -23,13 +23,17 @@ space as a distilled set with ZCA and is evaluated the same way.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .data import ImageDataset
 from .distill import _INIT, ZCA_BY_DEFAULT, derived_seed, generator, resolve_device
 from .errors import ConfigError
+from .io import atomic_path, hash_json
 from .models import build_model
 from .synset import SyntheticSet
 from .zca import ZCA
@@ -46,11 +50,13 @@ EMBED_CHUNK = 1024   # images per forward when embedding: bounds memory, not the
 
 def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, seed: int = 0,
                    embedding: str = "trained", embed_epochs: int = 2, device: str | torch.device = "auto",
-                   zca: bool | None = None) -> SyntheticSet:
+                   zca: bool | None = None, cache_dir: str | os.PathLike | None = None) -> SyntheticSet:
     """Select ``ipc`` real training images per class with ``method`` and return them as a SyntheticSet.
 
     ``zca=None`` whitens for CIFAR-10/100 (as distillation does); the ZCA is fitted on the training
     images and stored with the set. ``set.info['indices']`` holds the selected train indices.
+    ``cache_dir``: keep the embeddings there, keyed by (data, embedding, seed, epochs), so herding
+    and k-center at several IPCs train the embedding network once.
     """
     if method not in BASELINES:
         raise ConfigError(f"unknown baseline {method!r}; use one of {', '.join(BASELINES)}")
@@ -78,7 +84,7 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
         indices = torch.stack(picks)                                        # [K, ipc]
     else:
         used_embedding = embedding
-        emb = compute_embeddings(dataset, embedding, seed=seed, epochs=embed_epochs, device=dev)
+        emb = cached_embeddings(dataset, embedding, seed=seed, epochs=embed_epochs, device=dev, cache_dir=cache_dir)
         padded, valid, idx_pad = _pad_by_class(emb, class_indices)
         pos = herding(padded, ipc, valid) if method == "herding" else kcenter(padded, ipc, valid)
         indices = torch.gather(idx_pad, 1, pos.cpu())                       # [K, ipc]
@@ -106,6 +112,22 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
 # ---- embeddings ---------------------------------------------------------------------------
 def _embedding_net_name(image_size: int) -> str:
     return "convnet-d4" if image_size >= 64 else "convnet"   # as distillation picks its network
+
+
+def cached_embeddings(dataset: ImageDataset, embedding: str, *, seed: int, epochs: int, device: torch.device,
+                      cache_dir: str | os.PathLike | None) -> torch.Tensor:
+    """compute_embeddings, read from / written to ``cache_dir`` when one is given."""
+    if cache_dir is None or embedding == "pixels":
+        return compute_embeddings(dataset, embedding, seed=seed, epochs=epochs, device=device)
+    key = {"data": dataset.identity(), "embedding": embedding, "net": _embedding_net_name(dataset.image_size),
+           "seed": seed, "epochs": epochs if embedding == "trained" else 0}
+    path = Path(cache_dir) / f"{dataset.name.replace(':', '_').replace('/', '_')}-{embedding}-{hash_json(key)}.safetensors"
+    if path.exists():
+        return load_file(str(path))["embeddings"].to(device)
+    emb = compute_embeddings(dataset, embedding, seed=seed, epochs=epochs, device=device)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": emb.detach().float().cpu().contiguous()}, str(tmp))
+    return emb
 
 
 def compute_embeddings(dataset: ImageDataset, embedding: str = "trained", *, seed: int = 0, epochs: int = 2,

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature space of herding/k-center: a ConvNet trained on the whole train split "
                         "(default), a random ConvNet, or pixels")
     p.add_argument("--embed-epochs", type=int, default=2, help="epochs of that ConvNet's training")
+    p.add_argument("--cache-dir", default=str(Path("~/.cache/atomdistill/embeddings").expanduser()),
+                   help="where embeddings are kept for reuse by other baselines and IPCs ('none': nowhere)")
     p.add_argument("--zca", dest="zca", action="store_true", default=None)
     p.add_argument("--no-zca", dest="zca", action="store_false")
     p.add_argument("--device", default="auto")
@@ -236,7 +238,8 @@ def cmd_baseline(args):
     from .data import load_dataset
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
-                            embed_epochs=args.embed_epochs, device=args.device, zca=args.zca)
+                            embed_epochs=args.embed_epochs, device=args.device, zca=args.zca,
+                            cache_dir=None if args.cache_dir == "none" else args.cache_dir)
     out = synset.save(args.out)
     synset.save_grid(out.with_suffix(".png"))
     print(f"{args.kind} coreset: {out} ({len(synset)} images), grid: {out.with_suffix('.png')}")

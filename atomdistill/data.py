@@ -136,6 +136,17 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def identity(self) -> dict:
+        """What identifies the data (cache keys): sizes, normalisation, and a hash of the labels and
+        of an evenly strided sample of images (hashing all of CIFAR would cost seconds for nothing)."""
+        from .io import hash_tensors
+        tr, te = self.train_images, self.test_images
+        sample = [tr[:: max(1, len(tr) // 256)], te[:: max(1, len(te) // 64)]]
+        return {"name": self.name, "train": int(len(tr)), "test": int(len(te)), "channels": self.channels,
+                "image_size": self.image_size, "classes": list(self.class_names),
+                "mean": [round(float(m), 6) for m in self.mean], "std": [round(float(s), 6) for s in self.std],
+                "hash": hash_tensors(self.train_labels, self.test_labels, *sample)}
+
     @property
     def channels(self) -> int:
         return int(self.train_images.shape[1])

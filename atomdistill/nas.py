@@ -51,7 +51,6 @@ in training.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -67,7 +66,7 @@ from tqdm.auto import tqdm
 from .data import ImageDataset
 from .distill import resolve_device
 from .errors import ConfigError
-from .io import write_json, write_text
+from .io import hash_json, hash_tensors, write_json, write_text
 from .models import _ACT_ALIASES, _NORM_ALIASES, _POOL_ALIASES, build_model
 from .synset import SyntheticSet
 
@@ -294,7 +293,7 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
         images, labels, test_images = synset.images, synset.labels, synset.prepare_real(data.test_images)
         # Identified by its content, not its path: the same set moved or named otherwise resumes.
         proxy_id = {"kind": kind, "method": synset.method or "set", "ipc": synset.ipc,
-                    "hash": _hash_tensors(images, labels)}
+                    "hash": hash_tensors(images, labels)}
         label = f"{proxy_id['method']}-ipc{synset.ipc}"
     storage = {"images": int(len(images)), "bytes": int(images.numel() * 4),
                "note": "float32 images in the model-input space, as stored"}
@@ -312,7 +311,7 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
         raise ConfigError(f"no candidate of the space fits {data.image_size}px images ({skipped[0]['reason']}); "
                           "choose a smaller depth or pool 'none'")
 
-    ds_id = _dataset_id(data)
+    ds_id = data.identity()
     dsa_name = dsa if isinstance(dsa, str) or dsa is None else DEFAULT_DSA
     options = {"dataset": ds_id, "proxy": proxy_id, "grid": grid_used, "epochs": epochs, "runs": runs,
                "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name}
@@ -323,7 +322,7 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     gt_key = {"dataset": ds_id, "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name,
               "protocol": "evaluate.train_and_test defaults (SGD 0.01, momentum 0.9, wd 5e-4, batch 256)"}
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_path = cache_dir / f"{_safe(data.name)}-{_hash_json(gt_key)}.json"
+    cache_path = cache_dir / f"{_safe(data.name)}-{hash_json(gt_key)}.json"
     truth = on_main(_open_cache, cache_path, gt_key)
 
     common = dict(seed=seed, device=dev, progress=False, batched=batched, num_classes=data.num_classes, dsa=dsa)
@@ -489,28 +488,6 @@ def _load(dataset: ImageDataset | str, data_root) -> ImageDataset:
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def _hash_json(obj) -> str:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=6).hexdigest()
-
-
-def _hash_tensors(*tensors: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _dataset_id(data: ImageDataset) -> dict:
-    """What identifies the data: sizes, normalisation, and a hash of the labels and of an evenly
-    strided sample of images (hashing all of CIFAR would cost seconds for nothing)."""
-    tr, te = data.train_images, data.test_images
-    sample = [tr[:: max(1, len(tr) // 256)], te[:: max(1, len(te) // 64)]]
-    return {"name": data.name, "train": int(len(tr)), "test": int(len(te)), "channels": data.channels,
-            "image_size": data.image_size, "classes": list(data.class_names),
-            "mean": [round(float(m), 6) for m in data.mean], "std": [round(float(s), 6) for s in data.std],
-            "hash": _hash_tensors(data.train_labels, data.test_labels, *sample)}
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:

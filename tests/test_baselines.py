@@ -168,3 +168,15 @@ def test_errors(data):
         select_coreset(data, 2, "herding", embedding="bogus")
     with pytest.raises(ConfigError):
         select_coreset(data, 0, "random")
+
+
+def test_embeddings_are_cached_and_reused(data, tmp_path, monkeypatch):
+    import atomdistill.baselines as baselines
+    calls = []
+    real = baselines.compute_embeddings
+    monkeypatch.setattr(baselines, "compute_embeddings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = select_coreset(data, 2, "herding", embedding="trained", embed_epochs=1, device="cpu", cache_dir=tmp_path)
+    b = select_coreset(data, 3, "kcenter", embedding="trained", embed_epochs=1, device="cpu", cache_dir=tmp_path)
+    c = select_coreset(data, 2, "herding", embedding="trained", embed_epochs=1, device="cpu")
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.safetensors"))) == 1   # b read the cache
+    assert a.info["indices"] == c.info["indices"] and len(b) == 3 * data.num_classes
