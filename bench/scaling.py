@@ -1,6 +1,6 @@
 """Class-sharded distillation: speed and memory per process, 1 vs N processes (gloo, CPU).
 
-    python bench/scaling.py                                 # CIFAR-10 under /work/data if there, else digits
+    python bench/scaling.py                                 # CIFAR-10 under ./data if there, else digits
     python bench/scaling.py --dataset cifar10 --data-root DATA --procs 1,2 --iterations 3 --zca auto
 
 Every configuration runs in fresh processes (so peak RSS is that run's own), one after another,
@@ -79,7 +79,7 @@ def run_config(world: int, cores: int, options: dict) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="default: cifar10 if --data-root holds it, else digits")
-    p.add_argument("--data-root", default="/work/data")
+    p.add_argument("--data-root", default="data")
     p.add_argument("--procs", default="1,2", help="process counts to compare")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by each configuration")
     p.add_argument("--ipc", type=int, default=10)
