@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from atomdistill.evaluate import cpu_name
+
 BUDGETS = {
     "cpu": dict(ipcs=[1, 10], iterations={1: 300, 10: 200}, batch_real=64, zca=False, models=["convnet"],
                 runs=3, epochs=300, speed_window=(20, 120), embed_epochs=1),
@@ -55,16 +57,6 @@ OFFICIAL_P1 = {
                    ("DataDAM (ConvNet-BN), official", 1, "29.24 ± 1.09", "19.59 ± 0.41", 1.20, "3.4 GB"),
                    ("DataDAM (ConvNet-BN), official", 10, "43.78 ± 0.54", "29.79 ± 0.14", 1.45, "3.5 GB")],
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def run_step(cmd: list[str], log: Path) -> dict:
