@@ -198,6 +198,22 @@ def _act(kind: str) -> nn.Module:
     return nn.LeakyReLU(negative_slope=0.01)
 
 
+def _conv_block(c_in: int, c_out: int, size: int, *, kernel: int = 3, padding: int = 1, norm: str = "none",
+                act: str = "relu", pool: str = "none") -> tuple["_Block", int]:
+    """conv -> norm -> act (the block's reported activation), then optional 2x2 pooling.
+    Returns the block and the spatial size after it."""
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=padding)]
+    n = _norm(norm, c_out, size, size)
+    if n is not None:
+        layers.append(n)
+    layers.append(_act(act))
+    post = None
+    if pool != "none":
+        post = Pool2x2(pool)
+        size //= 2
+    return _Block(nn.Sequential(*layers), post), size
+
+
 class Pool2x2(nn.Module):
     """2x2, stride 2 average or max pooling; the same values as nn.AvgPool2d(2) / nn.MaxPool2d(2).
 
@@ -301,16 +317,8 @@ class ConvNet(_FeatureNet):
 
         size, c_in, blocks = image_size, channels, []
         for _ in range(depth):
-            layers: list[nn.Module] = [nn.Conv2d(c_in, width, kernel_size=3, padding=1)]
-            n = _norm(norm, width, size, size)
-            if n is not None:
-                layers.append(n)
-            layers.append(_act(act))
-            post: nn.Module | None = None
-            if pool != "none":
-                post = Pool2x2(pool)
-                size //= 2
-            blocks.append(_Block(nn.Sequential(*layers), post))
+            block, size = _conv_block(c_in, width, size, norm=norm, act=act, pool=pool)
+            blocks.append(block)
             c_in = width
         self.blocks = nn.ModuleList(blocks)
         self.embed_dim = width * size * size
@@ -358,15 +366,9 @@ class AlexNet(_FeatureNet):
             raise ConfigError(f"AlexNet pools three times and needs image_size >= 8; got {image_size}.")
         size, c_in, blocks = image_size, channels, []
         for c_out, k, pad, pool in self._LAYOUT:
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=k, padding=pad)]
-            if norm == "batch":
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.ReLU())
-            post = None
-            if pool:
-                post = Pool2x2("max")
-                size //= 2
-            blocks.append(_Block(nn.Sequential(*layers), post))
+            block, size = _conv_block(c_in, c_out, size, kernel=k, padding=pad, norm=norm,
+                                      pool="max" if pool else "none")
+            blocks.append(block)
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.embed_dim = c_in * size * size
@@ -402,16 +404,9 @@ class VGG11(_FeatureNet):
             if v == "M":
                 continue
             c_out = int(v)
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)]
-            n = _norm(norm, c_out, size, size)
-            if n is not None:
-                layers.append(n)
-            layers.append(nn.ReLU())
-            post = None
-            if i + 1 < len(cfg) and cfg[i + 1] == "M" and size >= 2:
-                post = Pool2x2("max")
-                size //= 2
-            blocks.append(_Block(nn.Sequential(*layers), post))
+            pool = "max" if i + 1 < len(cfg) and cfg[i + 1] == "M" and size >= 2 else "none"
+            block, size = _conv_block(c_in, c_out, size, norm=norm, pool=pool)
+            blocks.append(block)
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.embed_dim = c_in * size * size
