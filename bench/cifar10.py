@@ -80,7 +80,9 @@ def main():
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--baselines", nargs="+", default=BASELINES)
     p.add_argument("--ipc", type=int, nargs="+", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="distillation (and evaluation) seeds; seed 0's steps have no suffix, seed s>0 "
+                        "steps end in -seedS; the table adds mean ± std over the seeds")
     p.add_argument("--device", default="auto")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
@@ -92,7 +94,7 @@ def main():
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
     data = ["--dataset", "cifar10", "--data-root", args.data_root]
     evaluate = ["--models", ",".join(b["models"]), "--runs", str(b["runs"]), "--epochs", str(b["epochs"]),
-                "--device", args.device, "--seed", str(args.seed)]
+                "--device", args.device]
 
     def step(name: str, cmd: list[str]):
         if name not in steps:
@@ -100,33 +102,62 @@ def main():
             steps_file.write_text(json.dumps(steps, indent=2))
         return steps[name]
 
-    def baseline(kind: str, ipc: int):
-        name = f"{kind}-ipc{ipc}"
-        step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(args.seed), "--out",
+    def baseline(kind: str, ipc: int, seed: int):
+        name = f"{kind}-ipc{ipc}{suffix(seed)}"
+        step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(seed), "--out",
                     str(out / f"{name}.safetensors"), "--device", args.device,
                     "--embed-epochs", str(b.get("embed_epochs", 1)), "--zca" if b["zca"] else "--no-zca", *data])
-        step(f"eval-{name}", ["evaluate", str(out / f"{name}.safetensors"), *data, *evaluate, "--out",
-                              str(out / f"{name}.eval.json")])
+        step(f"eval-{name}", ["evaluate", str(out / f"{name}.safetensors"), *data, *evaluate, "--seed", str(seed),
+                              "--out", str(out / f"{name}.eval.json")])
 
     # Order: the cheap random baseline (= every method's iteration 0), the methods, then the
     # baselines that first train an embedding network; --table-only just rewrites the table.
-    for ipc in [] if args.table_only else ipcs:
+    todo = [] if args.table_only else [(ipc, seed) for seed in args.seeds for ipc in ipcs]
+    for ipc, seed in todo:
         if "random" in args.baselines:
-            baseline("random", ipc)
+            baseline("random", ipc, seed)
         for method in args.methods:
-            name = f"{method}-ipc{ipc}"
+            name = f"{method}-ipc{ipc}{suffix(seed)}"
             step(name, ["distill", *data, "--ipc", str(ipc), "--method", method, "--iterations",
                         str(b["iterations"][ipc]), "--batch-real", str(b["batch_real"]),
-                        "--zca" if b["zca"] else "--no-zca", "--seed", str(args.seed), "--log-every", "1",
+                        "--zca" if b["zca"] else "--no-zca", "--seed", str(seed), "--log-every", "1",
                         "--checkpoint-every", "50", "--device", args.device, "--out", str(out / name),
                         "--overwrite"])
-            step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--out",
+            step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--seed", str(seed), "--out",
                                   str(out / name / "eval.json")])
-    for ipc in [] if args.table_only else ipcs:
+    for ipc, seed in todo:
         for kind in args.baselines:
             if kind != "random":
-                baseline(kind, ipc)
+                baseline(kind, ipc, seed)
     write_table(out, args, b, ipcs, steps)
+
+
+def suffix(seed: int) -> str:
+    """Step-name suffix of a distillation seed (none for seed 0, the single-seed table's)."""
+    return "" if seed == 0 else f"-seed{seed}"
+
+
+def record_path(out: Path, kind: str, ipc: int, seed: int) -> Path:
+    name = f"{kind}-ipc{ipc}{suffix(seed)}"
+    return out / name / "eval.json" if kind in METHODS else out / f"{name}.eval.json"
+
+
+def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
+    """Mean ± std over distillation seeds of each seed's mean accuracy (seeds with a record)."""
+    lines = []
+    for ipc in ipcs:
+        for kind in [*args.baselines, *args.methods]:
+            per_seed = {s: statistics.mean(json.loads(r.read_text())["results"]["convnet"]["accs"])
+                        for s in args.seeds if (r := record_path(out, kind, ipc, s)).exists()}
+            if len(per_seed) > 1:
+                v = [100 * a for a in per_seed.values()]
+                lines.append(f"| {kind} | {ipc} | {len(v)} | {statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} | "
+                             + ", ".join(f"{a:.2f}" for a in v) + " |")
+    if not lines:
+        return []
+    return ["", f"Over distillation seeds {args.seeds} (each seed: its own init, networks, batches and "
+                "evaluation; std over the seeds' means):", "",
+            "| method | IPC | seeds | accuracy % | per seed |", "|---|---|---|---|---|", *lines]
 
 
 def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
@@ -134,7 +165,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     lo, hi = b["speed_window"]
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}, device {args.device}. Evaluation: {b['runs']} ConvNets x {b['epochs']} epochs "
-             f"(instance norm), mean ± std over the models, accuracy %.", "",
+             f"(instance norm), mean ± std over the models, accuracy %. Distillation seed 0.", "",
              "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall |",
              "|---|---|---|---|---|---|---|"]
     curves = {}
@@ -158,6 +189,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
             wall = s.get("wall_s", 0)
             lines.append(f"| {label} | {ipc} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
                          f"{int(wall // 60)} min {int(wall % 60):02d} s |")
+    lines += seeds_table(out, args, ipcs)
     cpu = cpu_name()
     for vendor, rows in OFFICIAL_P1.items():
         if args.budget == "cpu" and vendor.split()[0] in cpu:

@@ -1,0 +1,41 @@
+"""The CIFAR-10 benchmark script end to end on tiny CIFAR-format data (its `smoke` budget)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_data import write_cifar10
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "cifar10.py"
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, str(BENCH), "--budget", "smoke", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cifar10_bench_runs_seeds_writes_tables_and_resumes(tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data-root", str(tmp_path / "data"), "--methods", "atom", "--baselines", "random",
+            "--seeds", "0", "1", "--out", str(out)]
+    first = run_bench(*args)
+    assert first.returncode == 0, first.stderr
+    steps = json.loads((out / "steps.json").read_text())
+    assert set(steps) == {"random-ipc1", "eval-random-ipc1", "atom-ipc1", "eval-atom-ipc1",
+                          "random-ipc1-seed1", "eval-random-ipc1-seed1", "atom-ipc1-seed1", "eval-atom-ipc1-seed1"}
+    # Seeds give different sets (different init, networks and batches).
+    cfg0 = json.loads((out / "atom-ipc1" / "config.json").read_text())["config"]
+    cfg1 = json.loads((out / "atom-ipc1-seed1" / "config.json").read_text())["config"]
+    assert (cfg0["seed"], cfg1["seed"]) == (0, 1)
+    table = (out / "results.md").read_text()
+    assert "| atom | 1 | 3 |" in table                       # seed 0's row: 3 iterations
+    assert "Over distillation seeds [0, 1]" in table
+    assert "| atom | 1 | 2 |" in table and "| random | 1 | 2 |" in table   # 2 seeds each
+    assert (out / "accuracy.png").stat().st_size > 0
+
+    # Running it again finds every step done and runs nothing.
+    again = run_bench(*args)
+    assert again.returncode == 0, again.stderr
+    assert "$ atomdistill" not in again.stdout
+    assert json.loads((out / "steps.json").read_text()) == steps
