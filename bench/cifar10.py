@@ -69,7 +69,8 @@ def run_step(cmd: list[str], log: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"step failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
-    return {"wall_s": time.time() - t, "peak_rss_gb": usage.ru_maxrss / 2**20}
+    import torch   # the child inherits this process's thread settings (OMP_NUM_THREADS)
+    return {"wall_s": time.time() - t, "peak_rss_gb": usage.ru_maxrss / 2**20, "threads": torch.get_num_threads()}
 
 
 def main():
@@ -163,11 +164,12 @@ def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
 def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     import torch
     lo, hi = b["speed_window"]
-    lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}, device {args.device}. Evaluation: {b['runs']} ConvNets x {b['epochs']} epochs "
-             f"(instance norm), mean ± std over the models, accuracy %. Distillation seed 0.", "",
-             "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
+             "threads per step in the last column (s/iter and wall depend on them). "
+             f"Evaluation: {b['runs']} ConvNets x {b['epochs']} epochs (instance norm), mean ± std over the "
+             "models, accuracy %. Distillation seed 0.", "",
+             "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
+             "|---|---|---|---|---|---|---|---|"]
     curves = {}
     for ipc in ipcs:
         rows = [(k, f"{k}-ipc{ipc}", out / f"{k}-ipc{ipc}.eval.json") for k in args.baselines]
@@ -188,7 +190,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
             s = steps.get(name, {})
             wall = s.get("wall_s", 0)
             lines.append(f"| {label} | {ipc} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
-                         f"{int(wall // 60)} min {int(wall % 60):02d} s |")
+                         f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
     lines += seeds_table(out, args, ipcs)
     cpu = cpu_name()
     for vendor, rows in OFFICIAL_P1.items():
