@@ -78,7 +78,7 @@ def main():
 
     import torch
     lines = [f"ATOM ablation on CIFAR-10, IPC {args.ipc}, protocol P1 (cpu budget), seeds {args.seeds}; "
-             f"{cpu_name()}, torch {torch.__version__} (accuracy only: steps ran at 1 or 2 threads).", "",
+             f"{cpu_name()}, torch {torch.__version__}; accuracy only (no timings).", "",
              "| variant | seeds | accuracy % (mean ± std over seeds x models) | std over seeds |", "|---|---|---|---|"]
     for variant in args.variants:
         accs, per_seed = [], []
