@@ -28,6 +28,7 @@ VARIANTS = {   # name: extra distill options; "default" is the preset as it stan
     "channel=0.5": ["--channel", "0.5"],
     "channel=2": ["--channel", "2"],
     "channel=4": ["--channel", "4"],
+    "channel=8": ["--channel", "8"],
     "channel=0": ["--channel", "0"],   # = the datadam preset
     "p=1": ["--power", "1"],
     "p=2": ["--power", "2"],
