@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from atomdistill.evaluate import cpu_name
 
 BUDGETS = {
@@ -69,7 +71,7 @@ def run_step(cmd: list[str], log: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"step failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:])
-    import torch   # the child inherits this process's thread settings (OMP_NUM_THREADS)
+    # The child inherits this process's thread settings (OMP_NUM_THREADS).
     return {"wall_s": time.time() - t, "peak_rss_gb": usage.ru_maxrss / 2**20, "threads": torch.get_num_threads()}
 
 
@@ -104,7 +106,7 @@ def main():
         return steps[name]
 
     def baseline(kind: str, ipc: int, seed: int):
-        name = f"{kind}-ipc{ipc}{suffix(seed)}"
+        name = step_name(kind, ipc, seed)
         step(name, ["baseline", kind, "--ipc", str(ipc), "--seed", str(seed), "--out",
                     str(out / f"{name}.safetensors"), "--device", args.device,
                     "--embed-epochs", str(b.get("embed_epochs", 1)), "--zca" if b["zca"] else "--no-zca", *data])
@@ -118,7 +120,7 @@ def main():
         if "random" in args.baselines:
             baseline("random", ipc, seed)
         for method in args.methods:
-            name = f"{method}-ipc{ipc}{suffix(seed)}"
+            name = step_name(method, ipc, seed)
             step(name, ["distill", *data, "--ipc", str(ipc), "--method", method, "--iterations",
                         str(b["iterations"][ipc]), "--batch-real", str(b["batch_real"]),
                         "--zca" if b["zca"] else "--no-zca", "--seed", str(seed), "--log-every", "1",
@@ -133,13 +135,13 @@ def main():
     write_table(out, args, b, ipcs, steps)
 
 
-def suffix(seed: int) -> str:
-    """Step-name suffix of a distillation seed (none for seed 0, the single-seed table's)."""
-    return "" if seed == 0 else f"-seed{seed}"
+def step_name(kind: str, ipc: int, seed: int) -> str:
+    """Name of a method's run folder or a baseline's set; seed 0 (the single-seed table's) has no suffix."""
+    return f"{kind}-ipc{ipc}" + ("" if seed == 0 else f"-seed{seed}")
 
 
 def record_path(out: Path, kind: str, ipc: int, seed: int) -> Path:
-    name = f"{kind}-ipc{ipc}{suffix(seed)}"
+    name = step_name(kind, ipc, seed)
     return out / name / "eval.json" if kind in METHODS else out / f"{name}.eval.json"
 
 
@@ -162,7 +164,6 @@ def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
 
 
 def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
-    import torch
     lo, hi = b["speed_window"]
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
@@ -172,8 +173,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
              "|---|---|---|---|---|---|---|---|"]
     curves = {}
     for ipc in ipcs:
-        rows = [(k, f"{k}-ipc{ipc}", out / f"{k}-ipc{ipc}.eval.json") for k in args.baselines]
-        rows += [(m, f"{m}-ipc{ipc}", out / f"{m}-ipc{ipc}" / "eval.json") for m in args.methods]
+        rows = [(k, step_name(k, ipc, 0), record_path(out, k, ipc, 0)) for k in [*args.baselines, *args.methods]]
         for label, name, record in rows:
             if not record.exists():
                 continue

@@ -21,14 +21,15 @@ import torch
 from atomdistill.data import load_dataset
 from atomdistill.distill import DistillConfig, Distiller, initial_images
 from atomdistill.evaluate import cpu_name
+from atomdistill.loss import PRESETS
 from atomdistill.runtime import tune_cpu_allocator
 from atomdistill.synset import SyntheticSet
 
-# One term at a time, with the weight and scale it has in the `atom` preset (the channel-free
-# `datadam` and attention-free `dm` presets use the same per-term weights x scale: 100, 100, 1).
-TERMS = {"spatial": dict(spatial=1.0, channel=0.0, mmd=0.0),
-         "channel": dict(spatial=0.0, channel=1.0, mmd=0.0),
-         "mmd": dict(spatial=0.0, channel=0.0, mmd=0.01)}
+# One term at a time, with the weight it has in the `atom` preset (the others set to 0); the
+# preset's scale applies to all (datadam and dm use the same weight x scale per term: 100, 100, 1).
+ATOM = PRESETS["atom"]
+TERMS = {t: {o: (getattr(ATOM, o) if o == t else 0.0) for o in ("spatial", "channel", "mmd")}
+         for t in ("spatial", "channel", "mmd")}
 
 
 def term_gradients(data, ipc: int, batch_real: int, networks: int, images: torch.Tensor | None = None,
@@ -79,7 +80,7 @@ def main():
         for t, v in norms.items():
             cos = statistics.mean(torch.nn.functional.cosine_similarity(g, m, dim=0).item()
                                   for g, m in zip(grads[t], grads["mmd"]))
-            w = 100 * (TERMS[t]["spatial"] + TERMS[t]["channel"] + TERMS[t]["mmd"])
+            w = ATOM.scale * TERMS[t][t]
             print(f"| {at} | {ipc} | {t} | {w:g} | {statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} | "
                   f"{statistics.mean(v) / total:.0%} | {cos:+.2f} |", flush=True)
 
