@@ -75,6 +75,16 @@ def run_step(cmd: list[str], log: Path) -> dict:
     return {"wall_s": time.time() - t, "peak_rss_gb": usage.ru_maxrss / 2**20, "threads": torch.get_num_threads()}
 
 
+def save_step(steps_file: Path, steps: dict, name: str, record: dict):
+    """Add one step's record to steps.json, merging what other runs on the same folder wrote meanwhile
+    (so that two invocations with different --seeds can share a results folder)."""
+    on_disk = json.loads(steps_file.read_text()) if steps_file.exists() else {}
+    steps.update({**on_disk, **steps, name: record})
+    tmp = steps_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(steps, indent=2))
+    tmp.replace(steps_file)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", choices=BUDGETS, default="cpu")
@@ -101,8 +111,7 @@ def main():
 
     def step(name: str, cmd: list[str]):
         if name not in steps:
-            steps[name] = run_step(cmd, out / f"{name}.log")
-            steps_file.write_text(json.dumps(steps, indent=2))
+            save_step(steps_file, steps, name, run_step(cmd, out / f"{name}.log"))
         return steps[name]
 
     def baseline(kind: str, ipc: int, seed: int):

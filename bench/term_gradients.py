@@ -28,14 +28,19 @@ from atomdistill.synset import SyntheticSet
 # One term at a time, with the weight it has in the `atom` preset (the others set to 0); the
 # preset's scale applies to all (datadam and dm use the same weight x scale per term: 100, 100, 1).
 ATOM = PRESETS["atom"]
-TERMS = {t: {o: (getattr(ATOM, o) if o == t else 0.0) for o in ("spatial", "channel", "mmd")}
-         for t in ("spatial", "channel", "mmd")}
+
+
+def one_term_weights(channel: float) -> dict[str, dict[str, float]]:
+    weights = {"spatial": ATOM.spatial, "channel": channel, "mmd": ATOM.mmd}
+    return {t: {o: (weights[o] if o == t else 0.0) for o in weights} for t in weights}
 
 
 def term_gradients(data, ipc: int, batch_real: int, networks: int, images: torch.Tensor | None = None,
-                   seed: int = 0, device: str = "cpu", zca: bool = False) -> dict[str, list[torch.Tensor]]:
-    grads: dict[str, list[torch.Tensor]] = {t: [] for t in TERMS}
-    for term, weights in TERMS.items():
+                   seed: int = 0, device: str = "cpu", zca: bool = False,
+                   channel: float = ATOM.channel) -> dict[str, list[torch.Tensor]]:
+    terms = one_term_weights(channel)
+    grads: dict[str, list[torch.Tensor]] = {t: [] for t in terms}
+    for term, weights in terms.items():
         cfg = DistillConfig(dataset=data.name, ipc=ipc, method="atom", batch_real=batch_real, seed=seed,
                             device=device, zca=zca, iterations=networks, **weights)
         d = Distiller(cfg, data=data, progress=False)
@@ -57,6 +62,7 @@ def main():
     p.add_argument("--batch-real", type=int, default=64)
     p.add_argument("--networks", type=int, default=10)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channel", type=float, default=ATOM.channel, help=f"w_c (default the atom preset's, {ATOM.channel:g})")
     args = p.parse_args()
     tune_cpu_allocator()
 
@@ -74,13 +80,14 @@ def main():
     else:
         cases += [("real init", ipc, None) for ipc in args.ipc]
     for at, ipc, images in cases:
-        grads = term_gradients(data, ipc, args.batch_real, args.networks, images, device=args.device)
+        grads = term_gradients(data, ipc, args.batch_real, args.networks, images, device=args.device,
+                               channel=args.channel)
         norms = {t: [g.norm().item() for g in gs] for t, gs in grads.items()}
         total = sum(statistics.mean(v) for v in norms.values())
         for t, v in norms.items():
             cos = statistics.mean(torch.nn.functional.cosine_similarity(g, m, dim=0).item()
                                   for g, m in zip(grads[t], grads["mmd"]))
-            w = ATOM.scale * TERMS[t][t]
+            w = ATOM.scale * one_term_weights(args.channel)[t][t]
             print(f"| {at} | {ipc} | {t} | {w:g} | {statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} | "
                   f"{statistics.mean(v) / total:.0%} | {cos:+.2f} |", flush=True)
 
