@@ -42,7 +42,7 @@ class LossWeights:
 
 
 PRESETS: dict[str, LossWeights] = {
-    "atom": LossWeights(spatial=1.0, channel=1.0, mmd=0.01, power=4.0, scale=100.0),
+    "atom": LossWeights(spatial=1.0, channel=2.0, mmd=0.01, power=4.0, scale=100.0),  # w_c: README ablation
     "datadam": LossWeights(spatial=1.0, channel=0.0, mmd=0.01, power=4.0, scale=100.0),
     "dm": LossWeights(spatial=0.0, channel=0.0, mmd=1.0, power=4.0, scale=1.0),
     "channel": LossWeights(spatial=0.0, channel=1.0, mmd=0.01, power=4.0, scale=100.0),

@@ -106,7 +106,7 @@ def test_presets_are_only_weights():
     assert loss_weights("atom") == PRESETS["atom"]
     # a preset with its weights changed is the other preset: methods differ by data only
     assert loss_weights("atom", channel=0) == PRESETS["datadam"]
-    assert dataclasses.replace(PRESETS["atom"], spatial=0) == PRESETS["channel"]
+    assert dataclasses.replace(PRESETS["atom"], spatial=0, channel=1) == PRESETS["channel"]
     assert loss_weights("atom", layers=[1]).layers == (1,)
 
 
