@@ -55,10 +55,14 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=None, help="default results/ablation-ipcN")
     p.add_argument("--device", default="auto")
+    p.add_argument("--budget", choices=["cpu", "smoke"], default="cpu",
+                   help="cpu = protocol P1 (the README table); smoke = a seconds-long check that every step runs")
     p.add_argument("--table-only", action="store_true",
                    help="rewrite ablation.md from the finished runs (missing (variant, seed) pairs are left out)")
     args = p.parse_args()
-    b = BUDGETS["cpu"]
+    b = BUDGETS[args.budget]
+    if args.ipc not in b["iterations"]:
+        raise SystemExit(f"the {args.budget} budget has no IPC {args.ipc}; use one of {sorted(b['iterations'])}")
     out = Path(args.out or f"results/ablation-ipc{args.ipc}")
     out.mkdir(parents=True, exist_ok=True)
     steps_file = out / "steps.json"
@@ -81,7 +85,8 @@ def main():
                     save_step(steps_file, steps, step, run_step(cmd, out / f"{step}.log"))
 
     import torch
-    lines = [f"ATOM ablation on CIFAR-10, IPC {args.ipc}, protocol P1 (cpu budget), seeds {args.seeds}; "
+    protocol = "protocol P1 (cpu budget)" if args.budget == "cpu" else f"{args.budget} budget"
+    lines = [f"ATOM ablation on CIFAR-10, IPC {args.ipc}, {protocol}, seeds {args.seeds}; "
              f"{cpu_name()}, torch {torch.__version__}; accuracy only (no timings).", "",
              "| variant | seeds | accuracy % (mean ± std over seeds x models) | std over seeds |", "|---|---|---|---|"]
     for variant in args.variants:

@@ -39,3 +39,22 @@ def test_cifar10_bench_runs_seeds_writes_tables_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "$ atomdistill" not in again.stdout
     assert json.loads((out / "steps.json").read_text()) == steps
+
+
+def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(BENCH.parent / "ablation.py"), "--budget", "smoke", "--data-root", str(tmp_path / "data"),
+           "--variants", "base", "channel=4", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    weights = {v: json.loads((out / f"{v}-seed0" / "config.json").read_text())["weights"] for v in ("base", "channel_4")}
+    # The base point is METHOD.md's starting values whatever the atom preset is; a variant changes one constant.
+    assert {k: weights["base"][k] for k in ("spatial", "channel", "mmd", "power")} == \
+        {"spatial": 1, "channel": 1, "mmd": 0.01, "power": 4}
+    assert {k for k in weights["base"] if weights["base"][k] != weights["channel_4"][k]} == {"channel"}
+    assert weights["channel_4"]["channel"] == 4
+    table = (out / "ablation.md").read_text()
+    assert "| base | 1 |" in table and "| channel=4 | 1 |" in table
+    assert set(json.loads((out / "steps.json").read_text())) == {
+        "base-seed0", "eval-base-seed0", "channel_4-seed0", "eval-channel_4-seed0"}
