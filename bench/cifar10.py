@@ -97,16 +97,20 @@ def main():
                    help="distillation (and evaluation) seeds; seed 0's steps have no suffix, seed s>0 "
                         "steps end in -seedS; the table adds mean ± std over the seeds")
     p.add_argument("--device", default="auto")
+    p.add_argument("--net", default="convnet",
+                   help="distillation network, also the evaluation model in place of convnet (e.g. convnet-bn, "
+                        "the batch-norm ConvNet of the official DataDAM rows); default results/cifar10-BUDGET-NET")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
     b = BUDGETS[args.budget]
     ipcs = args.ipc or b["ipcs"]
-    out = Path(args.out or f"results/cifar10-{args.budget}")
+    out = Path(args.out or f"results/cifar10-{args.budget}" + ("" if args.net == "convnet" else f"-{args.net}"))
     out.mkdir(parents=True, exist_ok=True)
     steps_file = out / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
     data = ["--dataset", "cifar10", "--data-root", args.data_root]
-    evaluate = ["--models", ",".join(b["models"]), "--runs", str(b["runs"]), "--epochs", str(b["epochs"]),
+    models = [args.net if m == "convnet" else m for m in b["models"]]
+    evaluate = ["--models", ",".join(models), "--runs", str(b["runs"]), "--epochs", str(b["epochs"]),
                 "--device", args.device]
 
     def step(name: str, cmd: list[str]):
@@ -133,8 +137,8 @@ def main():
             step(name, ["distill", *data, "--ipc", str(ipc), "--method", method, "--iterations",
                         str(b["iterations"][ipc]), "--batch-real", str(b["batch_real"]),
                         "--zca" if b["zca"] else "--no-zca", "--seed", str(seed), "--log-every", "1",
-                        "--checkpoint-every", "50", "--device", args.device, "--out", str(out / name),
-                        "--overwrite"])
+                        "--checkpoint-every", "50", "--net", args.net, "--device", args.device,
+                        "--out", str(out / name), "--overwrite"])
             step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--seed", str(seed), "--out",
                                   str(out / name / "eval.json")])
     for ipc, seed in todo:
@@ -159,7 +163,7 @@ def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
     lines = []
     for ipc in ipcs:
         for kind in [*args.baselines, *args.methods]:
-            per_seed = {s: statistics.mean(json.loads(r.read_text())["results"]["convnet"]["accs"])
+            per_seed = {s: statistics.mean(json.loads(r.read_text())["results"][args.net]["accs"])
                         for s in args.seeds if (r := record_path(out, kind, ipc, s)).exists()}
             if len(per_seed) > 1:
                 v = [100 * a for a in per_seed.values()]
@@ -176,8 +180,8 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     lo, hi = b["speed_window"]
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
-             f"Evaluation: {b['runs']} ConvNets x {b['epochs']} epochs (instance norm), mean ± std over the "
-             "models, accuracy %. Distillation seed 0.", "",
+             f"Distillation and evaluation network: {args.net}. Evaluation: {b['runs']} runs x {b['epochs']} "
+             "epochs, mean ± std over the runs, accuracy %. Distillation seed 0.", "",
              "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
              "|---|---|---|---|---|---|---|---|"]
     curves = {}
@@ -186,7 +190,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
         for label, name, record in rows:
             if not record.exists():
                 continue
-            r = json.loads(record.read_text())["results"]["convnet"]
+            r = json.loads(record.read_text())["results"][args.net]
             acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
             its, speed = "–", "–"
             metrics = out / name / "metrics.jsonl"
@@ -210,16 +214,16 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
             lines += [f"| {m} | {i} | {a} | {r} | {s if s else '–'} | {mem} |" for m, i, a, r, s, mem in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot_curves(out, ipcs, curves)
+    plot_curves(out, ipcs, curves, args.net)
 
 
-def plot_curves(out: Path, ipcs, curves):
+def plot_curves(out: Path, ipcs, curves, net: str = "convnet"):
     from atomdistill.plots import _pyplot
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(ipcs), figsize=(5 * len(ipcs), 3.6), squeeze=False)
     for ax, ipc in zip(axes[0], ipcs):
         rows = curves.get(ipc, {})
-        base = json.loads((out / f"random-ipc{ipc}.eval.json").read_text())["results"]["convnet"] \
+        base = json.loads((out / f"random-ipc{ipc}.eval.json").read_text())["results"][net] \
             if (out / f"random-ipc{ipc}.eval.json").exists() else None
         for label, (its, mean, std) in rows.items():
             xs, ys, es = [its], [mean], [std]
@@ -228,7 +232,7 @@ def plot_curves(out: Path, ipcs, curves):
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         ax.set_title(f"CIFAR-10, IPC {ipc}")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("ConvNet test accuracy %")
+        ax.set_ylabel(f"{net} test accuracy %")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
