@@ -58,7 +58,8 @@ class DistillConfig:
     momentum: float = 0.5
     batch_real: int = 256                  # real images per class per iteration
     real_chunk: int | None = None          # real images per forward (None: 64 on CPU, where cache-sized
-                                           # chunks run fastest, 4096 on a GPU); bounds memory, not the result
+                                           # chunks run fastest, 4096 on a GPU); bounds memory, not the
+                                           # result; batch-norm networks take the whole batch at once
     init: str = "real"                     # real | noise
     zca: bool | None = None                # None: on for CIFAR
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
@@ -137,6 +138,10 @@ def random_network(cfg: DistillConfig, channels: int, num_classes: int, iteratio
         torch.manual_seed(derived_seed(cfg.seed, _NET, iteration))
         net = build_model(cfg.net, channels, num_classes, cfg.image_size)
     return net.to(device).requires_grad_(False)
+
+
+def has_batch_norm(net: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequence[int], batch: int,
@@ -266,6 +271,12 @@ class Distiller:
         real = ClassMeans(self.data.num_classes)
         with torch.no_grad():
             chunk = cfg.real_chunk or (64 if self.device.type == "cpu" else 4096)
+            if has_batch_norm(net):
+                # Batch norm normalises with the statistics of the batch it is given, and the
+                # synthetic images of all classes go through in one batch: so must the real ones
+                # (as in the reference code), or real features would be normalised per class and
+                # synthetic ones across classes. Other norms act per image, so chunking is free.
+                chunk = len(real_idx)
             for idx, labels in zip(real_idx.split(chunk), real_labels.split(chunk)):
                 x = self.train_images[idx]
                 if draws is not None:

@@ -43,8 +43,8 @@ import torch.distributed as dist
 
 from . import errors
 from .data import ImageDataset, load_dataset
-from .distill import (DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, load_run_config,
-                      resolve_device)
+from .distill import (DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, has_batch_norm,
+                      load_run_config, resolve_device)
 from .errors import AtomDistillError, ConfigError, DatasetError
 from .models import build_model
 from .synset import SyntheticSet
@@ -338,7 +338,7 @@ def check_shardable(net: str, channels: int, num_classes: int, image_size: int, 
     if world_size <= 1:
         return
     model = build_model(net, channels, num_classes, image_size)
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if has_batch_norm(model):
         raise ConfigError(
             f"--net {net} has batch norm, whose statistics mix the classes of a batch, so a run split by class "
             f"over {world_size} processes would not match a single-process run; distil with an instance-norm "

@@ -58,3 +58,16 @@ def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
     assert "| base | 1 |" in table and "| channel=4 | 1 |" in table
     assert set(json.loads((out / "steps.json").read_text())) == {
         "base-seed0", "eval-base-seed0", "channel_4-seed0", "eval-channel_4-seed0"}
+
+
+def test_cifar10_bench_net_option_distils_and_evaluates_on_that_network(tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "bn"
+    run = run_bench("--data-root", str(tmp_path / "data"), "--net", "convnet-bn", "--methods", "dm",
+                    "--baselines", "random", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "dm-ipc1" / "config.json").read_text())["config"]["net"] == "convnet-bn"
+    for record in (out / "dm-ipc1" / "eval.json", out / "random-ipc1.eval.json"):
+        assert set(json.loads(record.read_text())["results"]) == {"convnet-bn"}
+    table = (out / "results.md").read_text()
+    assert "network: convnet-bn" in table and "| dm | 1 | 3 |" in table

@@ -141,3 +141,34 @@ def test_zca_run_keeps_the_callers_dataset_and_stores_the_transform(toy):
 def test_noise_init_and_no_dsa(toy):
     synset = distill(toy, ipc=1, init="noise", dsa="none", **FAST)
     assert synset.images.shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("net", ["convnet", "convnet-bn"])
+def test_real_chunking_does_not_change_the_loss(net):
+    # Instance norm acts per image, so chunking the real batch is free. Batch norm normalises over
+    # the batch, and the synthetic images of all classes share one batch: the real images of all
+    # classes must too (as in the reference code), whatever --real-chunk says.
+    data = make_dataset(per_class=10)
+    syn = torch.randn(6, 1, 8, 8)
+    losses = {}
+    for chunk in (None, 4):
+        cfg = DistillConfig(dataset="toy", ipc=2, method="atom", batch_real=8, real_chunk=chunk, net=net, device="cpu")
+        losses[chunk] = Distiller(cfg, data=data, progress=False).step_loss(syn, 0)[0].item()
+    assert losses[4] == pytest.approx(losses[None], rel=1e-5)
+
+
+def test_batch_norm_real_features_are_normalised_over_all_classes_at_once():
+    data = make_dataset(per_class=10)
+    cfg = DistillConfig(dataset="toy", ipc=2, method="dm", batch_real=8, dsa="none", net="convnet-bn", device="cpu")
+    d = Distiller(cfg, data=data, progress=False)
+    syn = torch.randn(6, 1, 8, 8)
+    loss = d.step_loss(syn, 0)[0]
+    # By hand: one forward of the whole real batch, one of the synthetic set, class means, squared distance.
+    from atomdistill.distill import random_network, real_batch_indices
+    net = random_network(d.config, 1, 3, 0, d.device)
+    idx, labels = real_batch_indices(d.cpu_class_indices, d.global_ids, 8, d.config.seed, 0)
+    real = net.features(d.train_images[idx])[1]
+    fake = net.features(syn)[1]
+    real_means = torch.stack([real[labels == k].mean(0) for k in range(3)])
+    fake_means = torch.stack([fake[d.syn_labels == k].mean(0) for k in range(3)])
+    assert loss.item() == pytest.approx(((real_means - fake_means) ** 2).sum().item(), rel=1e-4)

@@ -317,14 +317,15 @@ def test_configuration_errors_reach_every_rank_without_a_hang(session):
         assert "batch norm" in messages[0] and "--ipc 10000" in messages[1] and "already exists" in messages[2]
 
 
-@pytest.mark.parametrize("sleep_s", [0, 5], ids=["rank-exits", "rank-hangs"])
+@pytest.mark.parametrize("sleep_s", [0, 15], ids=["rank-exits", "rank-hangs"])
 def test_a_failing_rank_ends_the_others_with_a_clear_error(tmp_path, sleep_s):
     results = spawn(tmp_path, "rank1_dies", sleep_s, env={"ATOMDISTILL_DIST_TIMEOUT": "2"})
     assert results[1][:2] == ("error", "RuntimeError")
     assert results[0][:2] == ("error", "AtomDistillError"), results[0]
     assert "rank 0 failed" in results[0][2] and "--resume" in results[0][2]
     seconds = float(next(tmp_path.glob("results-*/rank0_seconds")).read_text())
-    assert seconds < 4.5, seconds   # within the 2 s timeout (plus slack), never a hang
+    # Within the 2 s timeout (plus slack for a loaded machine), before the hung rank wakes at 15 s.
+    assert seconds < 12, seconds
 
 
 def test_a_rendezvous_that_never_completes_is_a_clear_error(tmp_path):
