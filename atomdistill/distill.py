@@ -240,6 +240,11 @@ class Distiller:
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
+        # Batch norm normalises with the statistics of the batch it is given, and the synthetic
+        # images of all classes go through in one batch: so must the real ones (as in the reference
+        # code), or real features would be normalised per class and synthetic ones across classes.
+        # Other norms act per image, so the real batch can go through in chunks.
+        self.real_in_one_batch = has_batch_norm(build_model(self.config.net, data.channels, 2, data.image_size))
         self.syn_labels = torch.arange(data.num_classes, device=self.device).repeat_interleave(self.config.ipc)
 
     def _check_ipc(self):
@@ -270,13 +275,8 @@ class Distiller:
         real_idx, real_labels = real_idx.to(self.device), real_labels.to(self.device)
         real = ClassMeans(self.data.num_classes)
         with torch.no_grad():
-            chunk = cfg.real_chunk or (64 if self.device.type == "cpu" else 4096)
-            if has_batch_norm(net):
-                # Batch norm normalises with the statistics of the batch it is given, and the
-                # synthetic images of all classes go through in one batch: so must the real ones
-                # (as in the reference code), or real features would be normalised per class and
-                # synthetic ones across classes. Other norms act per image, so chunking is free.
-                chunk = len(real_idx)
+            chunk = len(real_idx) if self.real_in_one_batch else cfg.real_chunk or (64 if self.device.type == "cpu"
+                                                                                   else 4096)
             for idx, labels in zip(real_idx.split(chunk), real_labels.split(chunk)):
                 x = self.train_images[idx]
                 if draws is not None:

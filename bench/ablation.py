@@ -25,7 +25,8 @@ from cifar10 import BUDGETS, cpu_name, run_step, save_step
 
 # The base point, passed explicitly on top of the atom preset; a variant's options come after
 # it and override it (argparse keeps the last value).
-BASE = ["--spatial", "1", "--channel", "1", "--mmd", "0.01", "--power", "4", "--scale", "100"]  # layers: all intermediate
+# (layers: all intermediate, the preset's.)
+BASE = ["--spatial", "1", "--channel", "1", "--mmd", "0.01", "--power", "4", "--scale", "100"]
 VARIANTS = {   # name: the one option that differs from BASE
     "base": [],
     "channel=0.25": ["--channel", "0.25"],
