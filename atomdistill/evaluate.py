@@ -1,4 +1,4 @@
-"""Evaluation protocol (METHOD.md section 4): train fresh networks on a set, test on real data.
+"""Evaluation protocol (docs/evaluation.md): train fresh networks on a set, test on real data.
 
 `EvalProtocol` holds the protocol's settings and their defaults, the reference's: per run a fresh
 network, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cross-entropy, batches of 256 reshuffled
@@ -201,7 +201,8 @@ def full_training_set(dataset: ImageDataset) -> SyntheticSet:
 def evaluation_record(synset: SyntheticSet, results: dict, protocol: EvalProtocol | Mapping[str, Any] | None,
                       path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                       out: str | os.PathLike | None = None) -> dict:
-    """The JSON evaluation record that `atomdistill report` reads.
+    """The JSON evaluation record that `atomdistill report` reads (format: docs/evaluation.md,
+    "The evaluation record").
 
     ``{"set": {path, dataset, method, ipc, num_classes, iterations, seed}, "protocol": every
     EvalProtocol field, "results": {model: {mean, std, accs, seconds}}, "hardware": hardware()}``.
