@@ -239,7 +239,7 @@ class ProcessGroup:
                       epochs: int, *, num_classes: int, progress: bool = True, **protocol) -> dict:
         """The jobs (model, run) are dealt round-robin over the ranks; each trains its share with
         train_and_test(run_ids=...), which gives every run the draws it gets in one process."""
-        from .evaluate import train_and_test
+        from .evaluate import summarise_runs, train_and_test
         models = [models] if isinstance(models, str) else list(models)
         protocol.pop("device", None)
         jobs = [(m, r) for m in models for r in range(runs)][self.rank::self.world_size]
@@ -251,7 +251,7 @@ class ProcessGroup:
             t0 = time.perf_counter()
             accs = _guarded(train_and_test, images, labels, test_images, test_labels, m, runs, epochs,
                             device=self.device, progress=progress and self.main, num_classes=num_classes,
-                            run_ids=ids, **protocol)
+                            run_ids=ids, mark_diverged=True, **protocol)
             mine[m] = (ids, accs, time.perf_counter() - t0)
         # An error in one rank's training reaches the others here, instead of as a hang.
         gathered = self.agree(lambda: _raise_if_error(mine))
@@ -266,8 +266,7 @@ class ProcessGroup:
                     for r, acc in zip(ids, a):
                         accs[r] = acc
                     seconds = max(seconds, s)   # wall time: the ranks train their shares side by side
-            results[m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
-                          "seconds": seconds}
+            results[m] = summarise_runs(accs, seconds)
         return results
 
 
@@ -417,6 +416,9 @@ class ShardedDistiller(Distiller):
     def _check_out(self, overwrite: bool):
         self.group.on_main(_check_run_dir, self.out, overwrite)
 
+    def _claim_out(self):   # rank 0 writes, so rank 0 holds the lock (every rank hears a refusal)
+        self.group.on_main(super()._claim_out)
+
     def _write_config(self):
         self.group.on_main(super()._write_config)
 
@@ -469,4 +471,4 @@ class ShardedDistiller(Distiller):
         results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
                                            cfg.eval_runs, cfg.eval_epochs, num_classes=self.num_classes_total,
                                            progress=False, seed=cfg.seed)
-        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+        return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}
