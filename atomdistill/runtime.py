@@ -1,4 +1,6 @@
-"""Process-level settings for speed on CPU.
+"""Where and how the work runs: the device, and process-level settings for speed on CPU.
+
+resolve_device turns "auto", "cpu", "cuda", "cuda:1" into a torch.device, or a clear error.
 
 glibc serves allocations above 32 MB (one activation tensor of a 64-image chunk at 32x32) with
 fresh mmap'd pages and returns them on free, so every such tensor pays page faults again: an
@@ -14,6 +16,10 @@ import ctypes.util
 import os
 import sys
 
+import torch
+
+from .errors import ConfigError
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
 
@@ -28,3 +34,13 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
                 and mallopt(_M_TOP_PAD, 64 << 20))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto": a CUDA GPU when one is visible, else the CPU; otherwise the device named."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device

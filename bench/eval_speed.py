@@ -17,8 +17,8 @@ import time
 import torch
 
 from atomdistill.data import load_dataset
-from atomdistill.distill import resolve_device
-from atomdistill.evaluate import cpu_name, train_and_test
+from atomdistill.evaluate import EvalProtocol, cpu_name, train_and_test
+from atomdistill.runtime import resolve_device
 
 
 def main(argv=None):
@@ -51,9 +51,9 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        accs = train_and_test(images, labels, data.test_images, data.test_labels, args.model, args.runs,
-                              args.epochs, seed=args.seed, device=device, batched=batched, progress=False,
-                              num_classes=data.num_classes)
+        accs = train_and_test(images, labels, data.test_images, data.test_labels, args.model,
+                              EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed), device=device,
+                              batched=batched, progress=False, num_classes=data.num_classes)
         if device.type == "cuda":
             torch.cuda.synchronize()
         results[batched] = (time.perf_counter() - t0, accs)

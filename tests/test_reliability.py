@@ -298,7 +298,7 @@ def test_a_damaged_set_is_refused_by_evaluate_before_training(tmp_path, capsys, 
     t["images"][0, 0, 0, 0] = float("nan")
     m.update(class_names=[str(i) for i in range(10)], mean=[0.3], std=[0.4])
     path = _write_raw(tmp_path / "s.safetensors", t, m)
-    monkeypatch.setattr("atomdistill.evaluate.train_and_test", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(sys.modules["atomdistill.evaluate"], "train_and_test", lambda *a, **k: pytest.fail("trained"))
     refused(capsys, ["evaluate", path, "--epochs", "1", "--runs", "1"], "NaN or infinite")
 
 
@@ -520,7 +520,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(run, capsys, monk
 
 @pytest.mark.parametrize("where", ["under-a-file", "read-only", "a-folder"])
 def test_evaluate_out_is_checked_before_training(good_run, tmp_path, capsys, monkeypatch, read_only, where):
-    monkeypatch.setattr("atomdistill.evaluate.train_and_test", lambda *a, **k: pytest.fail("trained first"))
+    monkeypatch.setattr(sys.modules["atomdistill.evaluate"], "train_and_test", lambda *a, **k: pytest.fail("trained first"))
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     out = {"under-a-file": blocker / "eval.json", "read-only": read_only / "eval.json", "a-folder": tmp_path}[where]
