@@ -233,8 +233,8 @@ def cmd_evaluate(args):
 
 def _evaluate(args, group):
     from .data import load_dataset
-    from .evaluate import evaluate, evaluation_record, full_training_set
-    from .io import write_json
+    from .evaluate import evaluate, evaluation_record, format_result, full_training_set
+    from .io import check_writable, write_json
     from .synset import SyntheticSet
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     if args.set == "full":
@@ -244,13 +244,18 @@ def _evaluate(args, group):
         # a run folder gets eval.json; a set file gets NAME.eval.json beside it
         default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed)
+    out = Path(args.out) if args.out else default_out
+    # before the training, not after it: a record that cannot be written would lose the whole run
+    if group is None:
+        check_writable(out)
+    else:
+        group.on_main(check_writable, out)
     if group is not None:
         evaluate = group.evaluate
     results = evaluate(synset, data, args.models, protocol, device=args.device,
                        batched={"auto": "auto", "yes": True, "no": False}[args.batched])
     if group is not None and not group.main:
         return
-    out = Path(args.out) if args.out else default_out
     record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
                                device=args.device)
     write_json(out, record)
@@ -258,13 +263,15 @@ def _evaluate(args, group):
           f"({protocol.runs} runs x {protocol.epochs} epochs)")
     print(f"{'model':12s} {'accuracy %':>16s}  seconds")
     for model, r in results.items():
-        print(f"{model:12s} {100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}  {r['seconds']:7.1f}")
+        print(f"{model:12s} {format_result(r):>16s}  {r['seconds']:7.1f}")
     print(f"record: {out}")
 
 
 def cmd_baseline(args):
     from .baselines import select_coreset
     from .data import load_dataset
+    from .io import check_writable
+    check_writable(args.out)   # before the selection, which may train an embedding network
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
                             embed_epochs=args.embed_epochs, device=args.device, zca=args.zca,

@@ -366,6 +366,29 @@ def _str_keys(d: dict) -> dict:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
+class _RefusedGlobal(Exception):
+    """A pickle asked for a name a CIFAR batch never contains."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR batches are made of: dicts, lists, bytes, str, ints (no names needed)
+    and numpy arrays (these few names). Anything else (os.system, eval, ...) is refused before it
+    is looked up, so a hostile file cannot run code. The rest of unpickling stays in C: as fast."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),   # protocol 5 arrays
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),   # how Python 3 writes bytes at protocol 2 (re-pickled copies)
+        ("__builtin__", "bytes"), ("builtins", "bytes"), ("__builtin__", "bytearray"), ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, title: str) -> dict:
     if not path.is_file():
         raise DatasetError(f"{title}: file {path} is missing; re-extract the dataset or pass --download "
@@ -373,7 +396,11 @@ def _unpickle(path: Path, title: str) -> dict:
     try:
         with open(path, "rb") as f:
             # latin1 reads Python-2 pickles (official release) including their numpy arrays.
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as e:
+        raise DatasetError(f"{title}: file {path} is not a CIFAR batch: it asks to load {e}, which no CIFAR "
+                           "file contains; it was refused, not run. Delete the folder and extract/download "
+                           "the official archive again.") from None
     except Exception as e:  # truncated/corrupt files raise many types (EOFError, UnpicklingError, ValueError...)
         raise DatasetError(f"{title}: file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                            "delete the folder and extract/download it again.") from None
@@ -598,6 +625,18 @@ def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _check_test_split(name: str, test_dir: Path, test_names: list[str]) -> None:
+    """DatasetError for a test split that could not test anything: a class folder in it without
+    images, or no images at all (a class may be absent from it)."""
+    for c in test_names:
+        if not _list_images(test_dir / c):
+            raise DatasetError(f"{name}: {test_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add test "
+                               "images or remove the folder.")
+    if not test_names:
+        raise DatasetError(f"{name}: {test_dir} holds no class folders with images, so nothing could be "
+                           "evaluated; add PATH/test/<class>/ folders of images.")
+
+
 def _folder_path(name: str) -> Path:
     path = name[len("folder:"):]
     if not path:
@@ -644,6 +683,7 @@ def _load_folder(name: str, root: Path, download: bool, image_size: int | None,
 
     train_paths, train_labels = gather(train_dir, True)
     test_paths, test_labels = gather(test_dir, False)
+    _check_test_split(name, test_dir, test_names)
     size = image_size or 32
     tr, tr_gray = _decode_images(train_paths, size)
     te, te_gray = _decode_images(test_paths, size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +22,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .augment import DSA
 from .data import DEFAULT_DATASET, ImageDataset, load_dataset, zca_by_default
 from .errors import AtomDistillError, ConfigError
 from .evaluate import EvalProtocol, evaluate
-from .io import atomic_path, write_json
+from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_leftover, remove_stale_temporaries,
+                 write_json)
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
 from .rng import Stream, generator, seeded
 from .runtime import resolve_device
-from .synset import SyntheticSet
+from .synset import SyntheticSet, read_safetensors
 from .zca import ZCA
 
 
@@ -85,6 +87,7 @@ class DistillConfig:
             raise ConfigError("batch_real and real_chunk must be at least 1")
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_numbers(self)
         loss_weights(self.method)   # validates the method name early
 
     def resolved(self, image_size: int) -> "DistillConfig":
@@ -117,7 +120,34 @@ class DistillConfig:
 # Options that change how a run is executed or logged but not the synthetic set it produces:
 # the ones a resumed run may change.
 EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
-                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
+                    "eval_every", "eval_models", "eval_runs", "eval_epochs"}
+
+# Numeric options: whole numbers with their least value, and real numbers that must be finite.
+_INT_FIELDS = {"ipc": 1, "iterations": 0, "batch_real": 1, "real_chunk": 1, "image_size": 1, "seed": None,
+               "checkpoint_every": 1, "log_every": 1, "eval_every": 0, "eval_runs": 1, "eval_epochs": 0}
+_FLOAT_FIELDS = ("lr", "momentum", "spatial", "channel", "mmd", "power", "scale")
+
+
+def check_numbers(cfg: DistillConfig) -> None:
+    """ConfigError for a numeric option that is not a number, NaN or infinite, or below its least value."""
+    for name, least in _INT_FIELDS.items():
+        v = getattr(cfg, name)
+        if v is None and name in ("real_chunk", "image_size"):
+            continue
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {v!r}")
+        if least is not None and v < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
+    for name in _FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"--{name} must be a finite number, got {v!r}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise ConfigError(f"--lr must be greater than 0, got {cfg.lr}")
+    if cfg.momentum < 0:
+        raise ConfigError(f"--momentum must be at least 0, got {cfg.momentum}")
 
 
 # ---- deterministic randomness: every draw from (seed, stream, iteration, class), see rng.py ----
@@ -192,16 +222,27 @@ def load_run_config(run_dir: str | Path, **overrides) -> DistillConfig:
 
     Only EXECUTION_FIELDS may change: any other option would make another set than the one the
     run is making, so it must equal the saved value (a ConfigError names it otherwise)."""
-    cfg_path = Path(run_dir) / "config.json"
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
+        if run_dir.is_dir() and all(is_leftover(p) for p in run_dir.iterdir()):
+            raise AtomDistillError(f"{run_dir} holds no run to resume: it was stopped before it wrote its "
+                                   "configuration; start it again with the original `atomdistill distill ... "
+                                   f"--out {run_dir}` command")
         raise AtomDistillError(f"{run_dir} is not a run folder (no config.json); pass the --out folder of "
                                "an earlier `atomdistill distill`")
-    saved = json.loads(cfg_path.read_text())["config"]
+    try:
+        saved = json.loads(cfg_path.read_text())["config"]
+        before = DistillConfig.from_dict(saved)
+    except Exception as e:   # unreadable, not JSON, not a config, or values no run could have had
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise AtomDistillError(f"{cfg_path} is damaged ({reason}); start the run again with its original "
+                               "`atomdistill distill` command and --overwrite") from None
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(DistillConfig)})
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; use DistillConfig's fields")
-    before, after = DistillConfig.from_dict(saved), DistillConfig.from_dict({**saved, **given})
+    after = DistillConfig.from_dict({**saved, **given})
     for name in given:
         if name not in EXECUTION_FIELDS and getattr(after, name) != getattr(before, name):
             allowed = ", ".join(f"--{f.replace('_', '-')}" for f in sorted(EXECUTION_FIELDS))
@@ -220,7 +261,10 @@ class Distiller:
                  classes: Sequence[int] | None = None, num_classes_total: int | None = None,
                  zca: ZCA | None = None):
         self.out = Path(out) if out is not None else None
-        self.resume, self.progress = resume, progress
+        self.resume, self.progress, self.overwrite = resume, progress, overwrite
+        self._lock: FolderLock | None = None
+        self._bar = None
+        self._saved_iteration: int | None = None   # the last checkpoint this run wrote or resumed from
         if self.out is not None and not resume:
             self._check_out(overwrite)
         self.device = resolve_device(config.device)
@@ -258,6 +302,24 @@ class Distiller:
     def _check_out(self, overwrite: bool):
         _check_run_dir(self.out, overwrite)
 
+    def _claim_out(self):
+        """Lock the run folder for this process (a second writer is refused), then, under the lock,
+        check it again, clear it for --overwrite and remove what killed writes left behind."""
+        lock = FolderLock(self.out, "run folder").acquire()
+        try:
+            if not self.resume:
+                _check_run_dir(self.out, self.overwrite, clear=True)
+            remove_stale_temporaries(self.out, RUN_FILES)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+
+    def _release_out(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _write_config(self):
         write_json(self.out / "config.json", {"config": self.config.to_dict(),
                                                "weights": dataclasses.asdict(self.weights)})
@@ -292,8 +354,20 @@ class Distiller:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> SyntheticSet:
+        if self.out is not None:
+            self._claim_out()
+        try:
+            return self._run()
+        finally:
+            if self._bar is not None:   # end the progress line before any error message
+                self._bar.close()
+            self._release_out()
+
+    def _run(self) -> SyntheticSet:
         cfg = self.config
         state = self._load_checkpoint() if self.resume else None
+        if state is not None:
+            self._saved_iteration = state.iteration
         if state is None:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
                                                cfg.init, cfg.seed), None)
@@ -306,16 +380,14 @@ class Distiller:
         history = state.history
         bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not self.progress, unit="it",
                    desc=f"{cfg.method} ipc={cfg.ipc}", dynamic_ncols=True)
+        self._bar = bar
         t0, done_at_start = time.perf_counter(), state.iteration
         for it in range(state.iteration, cfg.iterations):
             t_iter = time.perf_counter()
             loss, terms = self.step_loss(syn, it)
             total, terms = self._reduce_loss(loss, terms)
             if not torch.isfinite(total):
-                raise AtomDistillError(
-                    f"the matching loss became {total.item()} at iteration {it}; lower --lr or the loss "
-                    f"--scale (now {cfg.lr} and {self.weights.scale})"
-                    + (f"; the last good checkpoint is in {self.out}" if self.out else ""))
+                raise self._diverged(f"the matching loss became {total.item()} at iteration {it}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -333,11 +405,25 @@ class Distiller:
                 bar.set_postfix(loss=f"{total.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
             if self.out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history))
+                self._saved_iteration = done
         bar.close()
         synset = self.synthetic_set(syn, state_iteration=max(cfg.iterations, state.iteration), history=history)
+        if not torch.isfinite(synset.images).all():
+            raise self._diverged(f"the synthetic images became non-finite by iteration {cfg.iterations}")
         if self.out is not None:
             self._finish(synset, history)
         return synset
+
+    def _diverged(self, what: str) -> AtomDistillError:
+        """The error that stops a diverged run: what happened, the fix, and what the folder still holds."""
+        text = f"{what}: the images diverged with --lr {self.config.lr} and loss --scale {self.weights.scale}; " \
+               "run again with a lower --lr or --scale"
+        if self.out is not None:
+            text += " and --overwrite" + (
+                f" ({self.out} keeps its last checkpoint, iteration {self._saved_iteration}, whose images are "
+                "finite; resuming it would repeat the same steps)" if self._saved_iteration is not None else
+                f" ({self.out} has no checkpoint of this run)")
+        return AtomDistillError(text)
 
     def evaluate(self, syn: torch.Tensor) -> dict:
         cfg = self.config
@@ -346,7 +432,7 @@ class Distiller:
             self._eval_test = (synset.prepare_real(self.data.test_images), self.data.test_labels)
         results = evaluate(synset, self.data, cfg.eval_models, cfg.eval_protocol(), device=self.device,
                            progress=False, test=self._eval_test)
-        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+        return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}
 
     def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:
         info = {"iterations_done": state_iteration, "classes": self.global_ids}
@@ -366,7 +452,11 @@ class Distiller:
         tensors = {"images": state.images.float().cpu().contiguous()}
         if state.momentum is not None:
             tensors["momentum"] = state.momentum.float().cpu().contiguous()
-        meta = {"iteration": state.iteration, "config": self.config.to_dict(), "history": state.history}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):   # never replace a good checkpoint
+            raise self._diverged(f"the synthetic images became non-finite at iteration {state.iteration}")
+        meta = json.loads(json.dumps({"iteration": state.iteration, "config": self.config.to_dict(),
+                                      "history": state.history}))
+        meta["checksum"] = content_checksum(tensors, meta)
         with atomic_path(self.out / "checkpoint.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"atomdistill": json.dumps(meta)})
         write_metrics(self.out / "metrics.jsonl", state.history)
@@ -375,10 +465,14 @@ class Distiller:
         path = self.out / "checkpoint.safetensors"
         if not path.exists():
             return None
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["atomdistill"])
-        tensors = load_file(str(path))
+        fix = (f"delete it and run `atomdistill distill --resume {self.out}` again to restart from iteration 0 "
+               "with the same options, or start again with --overwrite")
+        meta, tensors = read_safetensors(path, "checkpoint", fix)
+        expected = (self.num_classes_total * self.config.ipc, self.data.channels, self.data.image_size,
+                     self.data.image_size)
+        reason = checkpoint_problem(meta, tensors, expected)
+        if reason:
+            raise AtomDistillError(f"checkpoint {path} is damaged ({reason}); {fix}")
         saved = DistillConfig.from_dict(meta["config"])
         if _result_fields(saved) != _result_fields(self.config):
             raise ConfigError(f"the checkpoint in {self.out} was made with another configuration; resume "
@@ -392,6 +486,38 @@ class Distiller:
         write_metrics(self.out / "metrics.jsonl", history)
         plot_history(history, self.out / "curves.png", title=f"{self.config.dataset} {self.config.method} "
                                                                f"ipc={self.config.ipc}")
+
+
+# What a run writes in its folder (and may find half-written temporaries of after a kill).
+RUN_FILES = ("config.json", "checkpoint.safetensors", "metrics.jsonl", "synset.safetensors", "grid.png",
+             "curves.png")
+
+
+def checkpoint_problem(meta, tensors: dict, shape: tuple) -> str | None:
+    """Why a checkpoint's content cannot be resumed from (None if it can): checksum, structure, values."""
+    if not isinstance(meta, dict):
+        return "no atomdistill metadata"
+    if "checksum" in meta and meta["checksum"] != content_checksum(tensors, meta):
+        return "its content does not match its checksum"
+    it, history = meta.get("iteration"), meta.get("history")
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        return "no valid iteration count"
+    if not isinstance(meta.get("config"), dict) or not isinstance(history, list) \
+            or not all(isinstance(h, dict) for h in history):
+        return "no valid configuration or history"
+    try:
+        DistillConfig.from_dict(meta["config"])
+    except Exception as e:   # a config no run could have had
+        return f"invalid configuration: {e}"
+    for name in ("images", "momentum"):
+        t = tensors.get(name)
+        if t is None and name == "momentum":
+            continue
+        if t is None or tuple(t.shape) != shape or t.dtype != torch.float32:
+            return f"{name} are not float32 of shape {shape}"
+        if not torch.isfinite(t).all():
+            return f"{name} hold NaN or infinite values"
+    return None
 
 
 def _result_fields(cfg: DistillConfig) -> dict:
@@ -413,14 +539,19 @@ def write_metrics(path: Path, history: list[dict]):
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
-def _check_run_dir(out: Path, overwrite: bool):
-    if out.exists() and any(out.iterdir()):
+def _check_run_dir(out: Path, overwrite: bool, clear: bool = False):
+    """ConfigError unless `out` can be a new run folder: absent, empty (leftovers of a run killed before
+    it wrote anything count as empty), or --overwrite. `clear` removes the old run's files then."""
+    check_writable(out, folder=True)
+    if out.is_dir() and any(not is_leftover(p) for p in out.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {out} already exists and is not empty; continue it with "
                               f"`--resume {out}`, choose another --out, or pass --overwrite")
-        for name in ("checkpoint.safetensors", "synset.safetensors", "metrics.jsonl", "config.json"):
-            (out / name).unlink(missing_ok=True)
+        if clear:
+            for name in ("checkpoint.safetensors", "synset.safetensors", "metrics.jsonl", "config.json"):
+                (out / name).unlink(missing_ok=True)
 
 
 def _acc_summary(results: dict) -> str:
-    return ",".join(f"{m}:{r['mean'] * 100:.1f}" for m, r in results.items())
+    return ",".join(f"{m}:{r['mean'] * 100:.1f}" if r["mean"] is not None else f"{m}:diverged"
+                    for m, r in results.items())

@@ -45,7 +45,7 @@ from . import errors
 from .data import ImageDataset, count_classes, load_dataset
 from .distill import DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, has_batch_norm, load_run_config
 from .errors import AtomDistillError, ConfigError, DatasetError
-from .evaluate import EvalProtocol, check_compatible, train_and_test
+from .evaluate import EvalProtocol, check_compatible, summarise_runs, train_and_test
 from .models import build_model
 from .runtime import resolve_device
 from .synset import SyntheticSet
@@ -254,7 +254,7 @@ class ProcessGroup:
             t0 = time.perf_counter()
             accs = _guarded(train_and_test, images, labels, test_images, test_labels, m, protocol,
                             device=self.device, progress=progress and self.main, num_classes=num_classes,
-                            run_ids=ids, **options)
+                            run_ids=ids, mark_diverged=True, **options)
             mine[m] = (ids, accs, time.perf_counter() - t0)
         # An error in one rank's training reaches the others here, instead of as a hang.
         gathered = self.agree(lambda: _raise_if_error(mine))
@@ -269,8 +269,7 @@ class ProcessGroup:
                     for r, acc in zip(ids, a):
                         accs[r] = acc
                     seconds = max(seconds, s)   # wall time: the ranks train their shares side by side
-            results[m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
-                          "seconds": seconds}
+            results[m] = summarise_runs(accs, seconds)
         return results
 
     def deal(self, items: Sequence, fn: Callable[[Any], dict], what: str = "gathering results"
@@ -437,6 +436,9 @@ class ShardedDistiller(Distiller):
     def _check_out(self, overwrite: bool):
         self.group.on_main(_check_run_dir, self.out, overwrite)
 
+    def _claim_out(self):   # rank 0 writes, so rank 0 holds the lock (every rank hears a refusal)
+        self.group.on_main(super()._claim_out)
+
     def _write_config(self):
         self.group.on_main(super()._write_config)
 
@@ -488,4 +490,4 @@ class ShardedDistiller(Distiller):
                                self.group.all_gather_rows(labels, "gathering the test split"))
         results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
                                            cfg.eval_protocol(), num_classes=self.num_classes_total, progress=False)
-        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+        return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}

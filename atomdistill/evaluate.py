@@ -105,11 +105,13 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
     The protocol is `protocol` (default EvalProtocol()) with `fields` (runs=, epochs=, lr=, seed=,
-    ...) replacing its values. Returns ``{model: {"mean", "std", "accs", "seconds"}}`` with
-    accuracies as fractions and ``std`` the population standard deviation (``np.std``), as the
-    reference reports. `test`: (images, labels) already in the set's space (skips
-    ``synset.prepare_real``). `max_parallel`: at most this many networks train together (bounds
-    memory; same results)."""
+    ...) replacing its values. Returns ``{model: {"mean", "std", "accs", "diverged", "seconds"}}``
+    with accuracies as fractions and ``std`` the population standard deviation (``np.std``), as the
+    reference reports. A run whose network's weights became non-finite (its training loss
+    overflowed) has diverged: its entry in ``accs`` is None, it is left out of mean and std, and
+    ``diverged`` counts such runs (mean and std are None when every run diverged). `test`:
+    (images, labels) already in the set's space (skips ``synset.prepare_real``). `max_parallel`: at
+    most this many networks train together (bounds memory; same results)."""
     protocol = EvalProtocol.of(protocol, **fields)
     check_compatible(synset, dataset)
     if isinstance(models, str):
@@ -123,10 +125,28 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     for name in models:
         t0 = time.perf_counter()
         accs = train_and_test(images, labels, test_images, test_labels, name, protocol, device=dev, progress=progress,
-                              batched=batched, num_classes=synset.num_classes, max_parallel=max_parallel)
-        results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
-                         "seconds": time.perf_counter() - t0}
+                              batched=batched, num_classes=synset.num_classes, max_parallel=max_parallel,
+                              mark_diverged=True)
+        results[name] = summarise_runs(accs, time.perf_counter() - t0)
     return results
+
+
+def summarise_runs(accs: Sequence[float], seconds: float) -> dict:
+    """Mean and population std over the runs that trained; NaN accuracies (diverged runs) become
+    None in 'accs' and are counted in 'diverged' instead (mean/std None if no run trained)."""
+    ok = [float(a) for a in accs if a is not None and np.isfinite(a)]
+    return {"mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
+            "accs": [float(a) if a is not None and np.isfinite(a) else None for a in accs],
+            "diverged": len(accs) - len(ok), "seconds": seconds}
+
+
+def format_result(r: dict) -> str:
+    """'mean ± std' in percent, with the diverged runs named; 'diverged (all N runs)' when none trained."""
+    n, bad = len(r.get("accs") or []), r.get("diverged", 0)
+    if r.get("mean") is None:
+        return f"diverged (all {n} runs)" if n else "diverged"
+    text = f"{100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}"
+    return text + (f" ({bad} of {n} runs diverged)" if bad else "")
 
 
 def check_compatible(synset: SyntheticSet, dataset: ImageDataset) -> None:
@@ -150,7 +170,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
                    test_labels: torch.Tensor, model_name: str, protocol: EvalProtocol | None = None, *,
                    device: str | torch.device = "auto", progress: bool = True, batched: bool | str = "auto",
                    model_kwargs: dict | None = None, num_classes: int | None = None,
-                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None) -> list[float]:
+                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None,
+                   mark_diverged: bool = False) -> list[float]:
     """The core of the protocol: test accuracy (fraction) of each run, in run order.
 
     `images` are in the model-input space; test images likewise. `model_kwargs` are build_model
@@ -158,7 +179,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     the runs can be trained elsewhere and still get the draws it would get here. `batched`:
     True trains the runs together, False one after another, "auto" batches on a GPU only (on a
     CPU the work is compute-bound and the vmapped layers only add copies: batched was ~0.55x the
-    speed of sequential on 2 EPYC cores, up to 0.85x with 5 runs)."""
+    speed of sequential on 2 EPYC cores, up to 0.85x with 5 runs). `mark_diverged`: a run whose
+    weights became non-finite gets NaN instead of the chance-level accuracy its network still scores."""
     protocol = protocol or EvalProtocol()
     if len(images) == 0:
         raise ConfigError("the set to train on is empty; pass a set with at least one image")
@@ -188,7 +210,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
             accs += fn(spec, ids, images, labels, test_images, test_labels, protocol, aug, dev, bar)
     finally:
         bar.close()
-    return accs
+    return [float("nan") if mark_diverged and isinstance(a, DivergedAccuracy) else float(a) for a in accs]
 
 
 def full_training_set(dataset: ImageDataset) -> SyntheticSet:
@@ -217,13 +239,22 @@ def evaluation_record(synset: SyntheticSet, results: dict, protocol: EvalProtoco
                 "iterations": None if iterations is None else int(iterations),
                 "seed": synset.config.get("seed")},
         "protocol": EvalProtocol.of(protocol).to_dict(),
-        "results": {m: {"mean": float(r["mean"]), "std": float(r["std"]), "accs": [float(a) for a in r["accs"]],
-                        "seconds": float(r["seconds"])} for m, r in results.items()},
+        "results": {m: _record_result(r) for m, r in results.items()},
         "hardware": hardware(resolve_device(device or "auto")),
     }
     if out is not None:
         write_json(out, record)
     return record
+
+
+def _record_result(r: dict) -> dict:
+    """One model's entry of a record: floats, None for a diverged run (JSON has no NaN)."""
+    def num(x):
+        return None if x is None or not np.isfinite(x) else float(x)
+
+    accs = [num(a) for a in r["accs"]]
+    return {"mean": num(r["mean"]), "std": num(r["std"]), "accs": accs,
+            "diverged": int(r.get("diverged", sum(a is None for a in accs))), "seconds": float(r["seconds"])}
 
 
 def hardware(device: str | torch.device = "cpu") -> dict:
@@ -248,6 +279,20 @@ def cpu_name() -> str:
 
 
 # ---- training -----------------------------------------------------------------------------
+class DivergedAccuracy(float):
+    """The test accuracy of a run whose weights became non-finite: its outputs are NaN, so the
+    accuracy is an artefact (chance level or the share of one class), not a measurement."""
+
+
+def _finite_runs(tensors, runs: int) -> torch.Tensor:
+    """[runs] bool: whether all of each network's float tensors (stacked on dim 0) are finite."""
+    ok = torch.ones(runs, dtype=torch.bool)
+    for t in tensors:
+        if t.is_floating_point():
+            ok &= torch.isfinite(t.detach()).reshape(runs, -1).all(1).cpu()
+    return ok
+
+
 @dataclasses.dataclass
 class _Spec:
     name: str
@@ -328,7 +373,8 @@ def _train_one(spec, ids, images, labels, test_images, test_labels, protocol, au
     with torch.no_grad():
         correct = sum(int((net(x).argmax(1) == y).sum())
                       for x, y in zip(test_images.split(TEST_CHUNK), test_labels.split(TEST_CHUNK)))
-    return [correct / len(test_labels)]
+    finite = bool(_finite_runs([t.unsqueeze(0) for t in (*net.parameters(), *net.buffers())], 1)[0])
+    return [correct / len(test_labels) if finite else DivergedAccuracy(correct / len(test_labels))]
 
 
 def _train_group(spec, ids, images, labels, test_images, test_labels, protocol, aug, device, bar) -> list[float]:
@@ -366,4 +412,6 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, protocol, 
     with torch.no_grad():
         for x, y in zip(test_images.split(chunk), test_labels.split(chunk)):
             correct += (forward_shared(params, buffers, x).argmax(-1) == y).sum(1)
-    return [c / len(test_labels) for c in correct.tolist()]
+    finite = _finite_runs([*params.values(), *buffers.values()], r).tolist()
+    return [c / len(test_labels) if ok else DivergedAccuracy(c / len(test_labels))
+            for c, ok in zip(correct.tolist(), finite)]

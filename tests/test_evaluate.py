@@ -48,7 +48,7 @@ def run(data, model="convnet", runs=2, epochs=6, seed=0, batch_size=256, **kw):
 def test_learns_separable_toy_well_above_chance(data):
     res = evaluate(as_set(data), data, models=["convnet"], runs=2, epochs=8, progress=False)
     r = res["convnet"]
-    assert set(r) == {"mean", "std", "accs", "seconds"}
+    assert set(r) == {"mean", "std", "accs", "diverged", "seconds"} and r["diverged"] == 0
     assert len(r["accs"]) == 2 and r["seconds"] > 0
     assert r["mean"] > 0.8, r            # chance is 1/3
     assert r["std"] == pytest.approx(float(np.std(r["accs"])))
