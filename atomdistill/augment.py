@@ -143,6 +143,11 @@ class DSA:
                 raise ConfigError(f"draw_index has {draw_index.numel()} entries for {b} images; give one per image.")
             p = params.to(x.device).index(draw_index.to(x.device))
 
+        # One family for the whole batch (every real chunk of a distillation iteration, every training
+        # batch of the evaluation): transform in place of the batch, without the gather and scatter.
+        first = p.family[:1]
+        if bool((p.family == first).all()) and 0 <= int(first) < len(self.families):
+            return _FNS[self.families[int(first)]](x, p)
         # Per family: gather its images, transform them, then put every image back in place with one
         # gather by the inverse permutation (out-of-place, so autograd sees a plain index op).
         # The loop is over at most 6 families, never over images or draws.

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa", default=None, help="DSA strategy, or 'none'")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16 autocast (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--log-every", type=int, default=None)
     g = p.add_argument_group("loss weights (override the preset)")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the networks (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                    help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
     p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
@@ -160,6 +164,7 @@ def cmd_distill(args):
     from .distributed import process_group
     options = {k: getattr(args, k) for k in (
         "iterations", "lr", "momentum", "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device",
+        "precision",
         "checkpoint_every", "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
         "eval_models", "eval_runs", "eval_epochs")}
     options = {k: v for k, v in options.items() if v is not None}
@@ -215,10 +220,13 @@ def _evaluate(args, group):
         # a run folder gets eval.json; a set file gets NAME.eval.json beside it
         default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
     protocol = {"runs": args.runs, "epochs": args.epochs, "seed": args.seed}
+    if args.precision != "fp32":   # recorded only when asked for: default records stay as they were
+        protocol["precision"] = args.precision
     if group is not None:
         evaluate = group.evaluate
     results = evaluate(synset, data, models=args.models, runs=args.runs, epochs=args.epochs, seed=args.seed,
-                       device=args.device, batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+                       device=args.device, batched={"auto": "auto", "yes": True, "no": False}[args.batched],
+                       precision=args.precision)
     if group is not None and not group.main:
         return
     out = Path(args.out) if args.out else default_out

@@ -30,6 +30,7 @@ from .errors import AtomDistillError, ConfigError
 from .io import atomic_path, write_json
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
+from .runtime import autocast, check_precision
 from .synset import SyntheticSet
 from .zca import ZCA
 
@@ -65,6 +66,7 @@ class DistillConfig:
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"                # fp32 | bf16 (autocast of the forward passes; changes the set)
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
@@ -85,6 +87,7 @@ class DistillConfig:
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
         loss_weights(self.method)   # validates the method name early
+        check_precision(self.precision)
 
     def resolved(self, image_size: int) -> "DistillConfig":
         """A copy with every automatic value made explicit for this dataset."""
@@ -240,6 +243,7 @@ class Distiller:
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
+        check_precision(self.config.precision, self.device)   # warns once where bf16 is emulated
         # Batch norm normalises with the statistics of the batch it is given, and the synthetic
         # images of all classes go through in one batch: so must the real ones (as in the reference
         # code), or real features would be normalised per class and synthetic ones across classes.
@@ -281,10 +285,18 @@ class Distiller:
                 x = self.train_images[idx]
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)
-                real.add(self.loss_fn.vectors(*net.features(x)), labels)
+                real.add(self.loss_fn.vectors(*self._features(net, x)), labels)
         x = self.dsa.apply(syn, draws, self.syn_labels) if draws is not None else syn
-        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*net.features(x)), self.syn_labels)
+        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*self._features(net, x)), self.syn_labels)
         return self.loss_fn(real.means(), fake.means())
+
+    def _features(self, net: torch.nn.Module, x: torch.Tensor):
+        """net.features(x); with precision bf16 under autocast, the outputs back in fp32 for the loss."""
+        if self.config.precision == "fp32":
+            return net.features(x)
+        with autocast(self.device, self.config.precision):
+            acts, embedding = net.features(x)
+        return [a.float() for a in acts], embedding.float()
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> SyntheticSet:
@@ -342,7 +354,8 @@ class Distiller:
         if self._eval_test is None:
             self._eval_test = (synset.prepare_real(self.data.test_images), self.data.test_labels)
         results = evaluate(synset, self.data, models=cfg.eval_models, runs=cfg.eval_runs, epochs=cfg.eval_epochs,
-                           seed=cfg.seed, device=self.device, progress=False, test=self._eval_test)
+                           seed=cfg.seed, device=self.device, progress=False, test=self._eval_test,
+                           precision=cfg.precision)
         return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
 
     def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:

@@ -468,5 +468,5 @@ class ShardedDistiller(Distiller):
                                self.group.all_gather_rows(labels, "gathering the test split"))
         results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
                                            cfg.eval_runs, cfg.eval_epochs, num_classes=self.num_classes_total,
-                                           progress=False, seed=cfg.seed)
+                                           progress=False, seed=cfg.seed, precision=cfg.precision)
         return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}

@@ -55,6 +55,7 @@ from .distill import derived_seed, generator, resolve_device
 from .errors import ConfigError
 from .io import write_json
 from .models import build_model
+from .runtime import autocast, check_precision
 from .synset import SyntheticSet
 
 # Purposes for derived seeds; distinct from distill.py's 1..4 so evaluation never replays
@@ -71,13 +72,14 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
              weight_decay: float = 5e-4, batch_size: int = 256, dsa: str | None = DEFAULT_DSA,
              seed: int = 0, device: str | torch.device = "auto", progress: bool = True,
              batched: bool | str = "auto", test: tuple[torch.Tensor, torch.Tensor] | None = None,
-             max_parallel: int | None = None) -> dict[str, dict]:
+             max_parallel: int | None = None, precision: str = "fp32") -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
     Returns ``{model: {"mean", "std", "accs", "seconds"}}`` with accuracies as fractions and
     ``std`` the population standard deviation (``np.std``), as the reference reports.
     `test`: (images, labels) already in the set's space (skips ``synset.prepare_real``).
-    `max_parallel`: at most this many networks train together (bounds memory; same results)."""
+    `max_parallel`: at most this many networks train together (bounds memory; same results).
+    `precision`: 'fp32', or 'bf16' to run the networks' forward passes under bf16 autocast."""
     check_compatible(synset, dataset)
     if isinstance(models, str):
         models = [models]
@@ -92,7 +94,7 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
         accs = train_and_test(images, labels, test_images, test_labels, name, runs, epochs, lr=lr,
                               momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, dsa=dsa,
                               seed=seed, device=dev, progress=progress, batched=batched,
-                              num_classes=synset.num_classes, max_parallel=max_parallel)
+                              num_classes=synset.num_classes, max_parallel=max_parallel, precision=precision)
         results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
                          "seconds": time.perf_counter() - t0}
     return results
@@ -121,7 +123,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
                    batch_size: int = 256, dsa: str | DSA | None = DEFAULT_DSA, seed: int = 0,
                    device: str | torch.device = "auto", progress: bool = True, batched: bool | str = "auto",
                    model_kwargs: dict | None = None, num_classes: int | None = None,
-                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None) -> list[float]:
+                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None,
+                   precision: str = "fp32") -> list[float]:
     """The core of the protocol: test accuracy (fraction) of each run, in run order.
 
     `images` are in the model-input space; test images likewise. `model_kwargs` are build_model
@@ -144,7 +147,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     if aug is not None and not aug.families:
         aug = None
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
-                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1])
+                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1],
+                 check_precision(precision, dev))
     opt = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
@@ -231,6 +235,7 @@ class _Spec:
     channels: int
     num_classes: int
     image_size: int
+    precision: str = "fp32"
 
 
 def _fresh_model(spec: _Spec, seed: int, run: int, device: torch.device) -> torch.nn.Module:
@@ -280,7 +285,9 @@ def _train_one(spec, ids, images, labels, test_images, test_labels, epochs, batc
             x = images[idx]
             if aug is not None:
                 x = aug.apply(x, _draws(aug, len(idx), seed, run, step).to(device))
-            loss = _loss(net(x).unsqueeze(0), labels[idx].unsqueeze(0))
+            with autocast(device, spec.precision):
+                logits = net(x)
+            loss = _loss(logits.float().unsqueeze(0), labels[idx].unsqueeze(0))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -290,7 +297,7 @@ def _train_one(spec, ids, images, labels, test_images, test_labels, epochs, batc
             optimizer = _sgd(net.parameters(), lr, opt)
         bar.update(1)
     net.eval()
-    with torch.no_grad():
+    with torch.inference_mode(), autocast(device, spec.precision):
         correct = sum(int((net(x).argmax(1) == y).sum())
                       for x, y in zip(test_images.split(TEST_CHUNK), test_labels.split(TEST_CHUNK)))
     return [correct / len(test_labels)]
@@ -323,8 +330,9 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, epochs, ba
             if aug is not None:
                 draws = _cat_params([_draws(aug, b, seed, run, step) for run in ids])
                 x = aug.apply(x, draws.to(device))
-            logits = forward_all(params, buffers, x.view(r, b, *x.shape[1:]))
-            loss = _loss(logits, labels[idx])
+            with autocast(device, spec.precision):
+                logits = forward_all(params, buffers, x.view(r, b, *x.shape[1:]))
+            loss = _loss(logits.float(), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -336,7 +344,7 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, epochs, ba
     skeleton.eval()
     correct = torch.zeros(r, dtype=torch.long, device=device)
     chunk = max(1, TEST_CHUNK // r)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, spec.precision):
         for x, y in zip(test_images.split(chunk), test_labels.split(chunk)):
             correct += (forward_shared(params, buffers, x).argmax(-1) == y).sum(1)
     return [c / len(test_labels) for c in correct.tolist()]

@@ -18,6 +18,7 @@ column is new total / baseline total.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -41,7 +42,7 @@ class Profiler:
         self.times: dict[str, float] = defaultdict(float)
         self.records: list[dict[str, float]] = []
         self.sync = (lambda: torch.cuda.synchronize(distiller.device)) if distiller.device.type == "cuda" else (lambda: None)
-        dist = pkg.distill
+        dist = importlib.import_module(pkg.__name__ + ".distill")
         self._patches = []
         self._patch(dist, "random_network", self._wrap_net(dist.random_network))
         self._patch(dist, "real_batch_indices", self._timed("sample", dist.real_batch_indices))
@@ -50,7 +51,7 @@ class Profiler:
             self._patch(distiller.dsa, "apply", self._split("dsa", distiller.dsa.apply))
         self._patch(distiller.loss_fn, "vectors", self._timed("loss", distiller.loss_fn.vectors))
         self._patch(distiller, "loss_fn", _Timed(distiller.loss_fn, self._timed("loss", distiller.loss_fn.__call__)))
-        means = pkg.loss.ClassMeans
+        means = importlib.import_module(pkg.__name__ + ".loss").ClassMeans
         self._patch(means, "add", self._timed("loss", means.add))
         self._patch(means, "means", self._timed("loss", means.means))
 
@@ -145,10 +146,11 @@ _MISSING = object()
 
 
 def setup(pkg, args, data, method, ipc):
-    cfg = pkg.distill.DistillConfig(dataset=args.dataset, ipc=ipc, method=method, batch_real=args.batch_real,
+    dist = importlib.import_module(pkg.__name__ + ".distill")
+    cfg = dist.DistillConfig(dataset=args.dataset, ipc=ipc, method=method, batch_real=args.batch_real,
                                     zca=args.zca, device=args.device, iterations=args.iterations, seed=0,
                                     net=args.net, **({"precision": args.precision} if args.precision else {}))
-    d = pkg.distill.Distiller(cfg, data=data, progress=False)
+    d = dist.Distiller(cfg, data=data, progress=False)
     syn = d.train_images[torch.cat([i[:ipc] for i in d.cpu_class_indices])].clone().requires_grad_(True)
     opt = torch.optim.SGD([syn], lr=d.config.lr, momentum=0.5)
     prof = Profiler(pkg, d)
@@ -192,7 +194,7 @@ def main(argv=None):
           f"net {args.net or 'default'}; ms, median of iterations {args.warmup}..{args.iterations - 1}"
           + ("; codes interleaved per iteration" if args.baseline else "") + "\n")
     head = "| method | IPC | code | " + " | ".join(SECTIONS) + " | total |" + (" new/base |" if args.baseline else "")
-    print(head + "\n|" + "---|" * head.count("|")[:-1] if False else head)
+    print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for ipc in args.ipc:
         for method in args.methods:
