@@ -81,9 +81,6 @@ def main(argv=None):
     print("accuracies: " + ("identical" if ab == as_ else f"differ by at most {diff} test image(s) (float rounding)"))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def compare_with_baseline(args, images, labels, data, device):
     import baseline
@@ -114,3 +111,7 @@ def compare_with_baseline(args, images, labels, data, device):
               f"mean {100 * mean:.2f} +- {100 * std:.2f}")
     print(f"speed-up (base / new): {seconds[names[1]] / seconds[names[0]]:.2f}x; "
           f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
