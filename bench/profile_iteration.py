@@ -12,7 +12,7 @@ timing wrappers sit around what it calls: `random_network` (net build), `real_ba
 the loss itself (loss); `other` is the rest of step_loss (image gather, transfers). Backward and
 the SGD step are timed around `loss.backward()` and `opt.step()`. Milliseconds, median over the
 iterations after `--warmup`. With `--baseline REF`, both codes run one iteration each in turn in
-this process (A, B, A, B, ...), so that load on a shared machine hits both alike; the ratio
+this process (A B, B A, A B, ...), so that load on a shared machine hits both alike; the ratio
 column is new total / baseline total.
 """
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main(argv=None):
         for method in args.methods:
             runs = [(label, *setup(pkg, args, data, method, ipc)) for label, pkg in codes]
             for it in range(args.iterations):
-                for _, prof, syn, opt in runs:
+                for _, prof, syn, opt in (runs if it % 2 == 0 else runs[::-1]):   # A B, B A, ...
                     prof.iteration(syn, opt, it)
             meds = [(label, prof.medians(args.warmup)) for label, prof, _, _ in runs]
             for label, m in meds:
