@@ -1,4 +1,4 @@
-"""The distillation loop (METHOD.md section 2).
+"""The distillation loop (docs/method.md: "One distillation iteration"; every default and its reason).
 
 Every iteration: draw a fresh random network seeded from (seed, iteration); sample a real
 batch per class; augment real and synthetic images of each class with one shared DSA draw;
@@ -25,23 +25,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .augment import DSA
-from .data import ImageDataset, load_dataset
+from .data import DEFAULT_DATASET, ImageDataset, load_dataset, zca_by_default
 from .errors import AtomDistillError, ConfigError
+from .evaluate import EvalProtocol, evaluate
 from .io import atomic_path, write_json
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
-from .runtime import autocast, check_precision
+from .rng import Stream, generator, seeded
+from .runtime import autocast, check_precision, resolve_device
 from .synset import SyntheticSet
 from .zca import ZCA
-
-ZCA_BY_DEFAULT = ("cifar10", "cifar100")   # as ATOM/DataDAM did; not for TinyImageNet
 
 
 @dataclass
 class DistillConfig:
     """Everything that defines a distillation run; saved with every result."""
 
-    dataset: str = "digits"
+    dataset: str = DEFAULT_DATASET
     data_root: str | None = None
     image_size: int | None = None          # None: the dataset's own size
     ipc: int = 10
@@ -62,7 +62,7 @@ class DistillConfig:
                                            # chunks run fastest, 4096 on a GPU); bounds memory, not the
                                            # result; batch-norm networks take the whole batch at once
     init: str = "real"                     # real | noise
-    zca: bool | None = None                # None: on for CIFAR
+    zca: bool | None = None                # None: the dataset's default (on for CIFAR, data.DATASETS)
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
     seed: int = 0
     device: str = "auto"
@@ -71,8 +71,8 @@ class DistillConfig:
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
     eval_models: tuple[str, ...] = ("convnet",)
-    eval_runs: int = 3
-    eval_epochs: int = 300
+    eval_runs: int = EvalProtocol.runs
+    eval_epochs: int = EvalProtocol.epochs
 
     def __post_init__(self):
         if self.layers is not None:
@@ -96,8 +96,12 @@ class DistillConfig:
             image_size=image_size,
             net=self.net or ("convnet-d4" if image_size >= 64 else "convnet"),
             lr=self.lr if self.lr is not None else (1.0 if self.ipc <= 50 else 10.0),
-            zca=self.zca if self.zca is not None else self.dataset in ZCA_BY_DEFAULT,
+            zca=self.zca if self.zca is not None else zca_by_default(self.dataset),
         )
+
+    def eval_protocol(self) -> EvalProtocol:
+        """The protocol of the evaluations along the way (eval_every)."""
+        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed, precision=self.precision)
 
     def weights(self):
         return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,
@@ -112,33 +116,17 @@ class DistillConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return device
+# Options that change how a run is executed or logged but not the synthetic set it produces:
+# the ones a resumed run may change.
+EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
+                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
 
 
-# ---- deterministic randomness -------------------------------------------------------------
-_NET, _REAL, _DSA, _INIT = 1, 2, 3, 4
-
-
-def derived_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, purpose, iteration, class...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(*parts))
-
-
+# ---- deterministic randomness: every draw from (seed, stream, iteration, class), see rng.py ----
 def random_network(cfg: DistillConfig, channels: int, num_classes: int, iteration: int,
                    device: torch.device) -> torch.nn.Module:
     """The fresh, frozen network of one iteration, identical in every process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(cfg.seed, _NET, iteration))
+    with seeded(cfg.seed, Stream.NET, iteration):
         net = build_model(cfg.net, channels, num_classes, cfg.image_size)
     return net.to(device).requires_grad_(False)
 
@@ -152,7 +140,7 @@ def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequen
     """batch images per class without replacement (all of a smaller class); local labels."""
     idx, labels = [], []
     for local, (cls_idx, gid) in enumerate(zip(class_indices, global_ids)):
-        perm = torch.randperm(len(cls_idx), generator=generator(seed, _REAL, iteration, gid))[:batch]
+        perm = torch.randperm(len(cls_idx), generator=generator(seed, Stream.REAL, iteration, gid))[:batch]
         idx.append(cls_idx[perm])
         labels.append(torch.full((len(perm),), local, dtype=torch.long))
     return torch.cat(idx), torch.cat(labels)
@@ -163,7 +151,7 @@ def initial_images(train_images: torch.Tensor, class_indices: Sequence[torch.Ten
     """ipc random real images of each class (in the space of train_images), or Gaussian noise."""
     images = []
     for cls_idx, gid in zip(class_indices, global_ids):
-        g = generator(seed, _INIT, gid)
+        g = generator(seed, Stream.INIT, gid)
         if init == "real":
             images.append(train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
         else:
@@ -196,19 +184,34 @@ def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: st
 
 
 def resume(run_dir: str | Path, progress: bool = True, **overrides) -> SyntheticSet:
-    """Continue an interrupted run from its folder (overrides: e.g. iterations to extend it)."""
+    """Continue an interrupted run from its folder. `overrides` may change how it executes
+    (EXECUTION_FIELDS: e.g. iterations to extend it, device); see load_run_config."""
     return Distiller(load_run_config(run_dir, **overrides), out=run_dir, resume=True, progress=progress).run()
 
 
 def load_run_config(run_dir: str | Path, **overrides) -> DistillConfig:
-    """The configuration saved in a run folder, with the non-None `overrides` applied."""
+    """The configuration saved in a run folder, with the non-None `overrides` applied.
+
+    Only EXECUTION_FIELDS may change: any other option would make another set than the one the
+    run is making, so it must equal the saved value (a ConfigError names it otherwise)."""
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.exists():
         raise AtomDistillError(f"{run_dir} is not a run folder (no config.json); pass the --out folder of "
                                "an earlier `atomdistill distill`")
     saved = json.loads(cfg_path.read_text())["config"]
-    saved.update({k: v for k, v in overrides.items() if v is not None})
-    return DistillConfig.from_dict(saved)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(DistillConfig)})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; use DistillConfig's fields")
+    before, after = DistillConfig.from_dict(saved), DistillConfig.from_dict({**saved, **given})
+    for name in given:
+        if name not in EXECUTION_FIELDS and getattr(after, name) != getattr(before, name):
+            allowed = ", ".join(f"--{f.replace('_', '-')}" for f in sorted(EXECUTION_FIELDS))
+            option = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{option} {given[name]} would change the set that {run_dir} is making (made with "
+                              f"{getattr(before, name)}); a resumed run may change only {allowed}; start a new run "
+                              f"(another --out) to use another {option}")
+    return after
 
 
 class Distiller:
@@ -272,7 +275,7 @@ class Distiller:
         net = random_network(cfg, self.data.channels, self.num_classes_total, iteration, self.device)
         draws = None
         if self.dsa is not None:   # one draw per class (Siamese), shared by its real and synthetic images
-            draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, _DSA, iteration))
+            draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, Stream.DSA, iteration))
             draws = draws.index(torch.tensor(self.global_ids)).to(self.device)
         real_idx, real_labels = real_batch_indices(self.cpu_class_indices, self.global_ids, cfg.batch_real,
                                                    cfg.seed, iteration)
@@ -305,8 +308,8 @@ class Distiller:
         if state is None:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
                                                cfg.init, cfg.seed), None)
-            if self.out is not None:
-                self._write_config()
+        if self.out is not None:   # on resume too: a later --resume continues with what this one changed
+            self._write_config()
         syn = state.images.to(self.device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr, momentum=cfg.momentum)
         if state.momentum is not None:
@@ -348,14 +351,12 @@ class Distiller:
         return synset
 
     def evaluate(self, syn: torch.Tensor) -> dict:
-        from .evaluate import evaluate
         cfg = self.config
         synset = self.synthetic_set(syn)
         if self._eval_test is None:
             self._eval_test = (synset.prepare_real(self.data.test_images), self.data.test_labels)
-        results = evaluate(synset, self.data, models=cfg.eval_models, runs=cfg.eval_runs, epochs=cfg.eval_epochs,
-                           seed=cfg.seed, device=self.device, progress=False, test=self._eval_test,
-                           precision=cfg.precision)
+        results = evaluate(synset, self.data, cfg.eval_models, cfg.eval_protocol(), device=self.device,
+                           progress=False, test=self._eval_test)
         return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
 
     def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:
@@ -404,13 +405,8 @@ class Distiller:
                                                                f"ipc={self.config.ipc}")
 
 
-# Options that change how a run is executed or logged but not the synthetic set it produces.
-_EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
-                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
-
-
 def _result_fields(cfg: DistillConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS}
+    return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
 def check_ipc(data: ImageDataset, ipc: int):

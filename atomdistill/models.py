@@ -277,10 +277,6 @@ class _FeatureNet(nn.Module):
         """(activations of blocks 1..L-1 before pooling, embedding [B, embed_dim])."""
         return self._run(x, True)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embedding only (what DM matches), without keeping the intermediate activations."""
-        return self._run(x, False)[1]
-
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self._run(x, False)[1])
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from atomdistill.data import load_dataset
-from atomdistill.distill import resolve_device
-from atomdistill.evaluate import cpu_name, train_and_test
+from atomdistill.evaluate import EvalProtocol, cpu_name, train_and_test
+from atomdistill.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,9 +67,9 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        accs = train_and_test(images, labels, data.test_images, data.test_labels, args.model, args.runs,
-                              args.epochs, seed=args.seed, device=device, batched=batched, progress=False,
-                              num_classes=data.num_classes)
+        accs = train_and_test(images, labels, data.test_images, data.test_labels, args.model,
+                              EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed), device=device,
+                              batched=batched, progress=False, num_classes=data.num_classes)
         if device.type == "cuda":
             torch.cuda.synchronize()
         results[batched] = (time.perf_counter() - t0, accs)
@@ -86,21 +86,20 @@ def compare_with_baseline(args, images, labels, data, device):
     import baseline
     from atomdistill.runtime import tune_cpu_allocator
     tune_cpu_allocator()   # as the command line does
-    old = importlib.import_module(baseline.load(args.baseline).__name__ + ".evaluate").train_and_test
+    old = importlib.import_module(baseline.load(args.baseline).__name__ + ".evaluate")
     codes = {f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else ""):
-             (train_and_test, {"precision": args.precision}),
-             f"base {baseline.revision(args.baseline)}": (old, {})}
+             _trainer(importlib.import_module("atomdistill.evaluate"), args, precision=args.precision),
+             f"base {baseline.revision(args.baseline)}": _trainer(old, args)}
     names = list(codes)
     seconds = {n: 0.0 for n in names}
     accs = {n: {} for n in names}
     print(f"load average at start {os.getloadavg()[0]:.2f}")
     for run in range(args.runs):
         for name in (names if run % 2 == 0 else names[::-1]):   # A B, B A, ...
-            fn, extra = codes[name]
             t0 = time.perf_counter()
-            accs[name][run] = fn(images, labels, data.test_images, data.test_labels, args.model, args.runs, args.epochs,
-                                 seed=args.seed, device=device, batched=False, progress=False,
-                                 num_classes=data.num_classes, run_ids=[run], **extra)[0]
+            accs[name][run] = codes[name](images, labels, data.test_images, data.test_labels, run_ids=[run],
+                                          device=device, batched=False, progress=False,
+                                          num_classes=data.num_classes)[0]
             seconds[name] += time.perf_counter() - t0
             print(f"  run {run} {name}: {time.perf_counter() - t0:.1f} s, acc {accs[name][run]:.4f}", flush=True)
     for name in names:
@@ -111,6 +110,15 @@ def compare_with_baseline(args, images, labels, data, device):
               f"mean {100 * mean:.2f} +- {100 * std:.2f}")
     print(f"speed-up (base / new): {seconds[names[1]] / seconds[names[0]]:.2f}x; "
           f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+
+def _trainer(module, args, **protocol):
+    """module.train_and_test with the bench's protocol, for the API with EvalProtocol and the one before it."""
+    if hasattr(module, "EvalProtocol"):
+        p = module.EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, **protocol)
+        return lambda *a, **k: module.train_and_test(*a, args.model, p, **k)
+    return lambda *a, **k: module.train_and_test(*a, args.model, args.runs, args.epochs, seed=args.seed, **protocol, **k)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-import atomdistill.distill as distill_mod  # noqa: F401  (the module, for monkeypatching below)
 from atomdistill import DistillConfig, distill
 from atomdistill import runtime
 from atomdistill.augment import DSA
 from atomdistill.errors import ConfigError
-from atomdistill.evaluate import train_and_test
+from atomdistill.evaluate import EvalProtocol, train_and_test
 from atomdistill.loss import abs_pow
 from atomdistill.models import build_model
 from conftest import make_dataset
@@ -110,8 +109,7 @@ def test_no_warning_where_the_cpu_has_bf16(capsys, monkeypatch):
 def test_evaluation_runs_in_bf16():
     data = make_dataset(per_class=10)
     accs = train_and_test(data.train_images, data.train_labels, data.test_images, data.test_labels, "convnet",
-                          runs=1, epochs=2, device="cpu", progress=False, precision="bf16")
+                          EvalProtocol(runs=1, epochs=2, precision="bf16"), device="cpu", progress=False)
     assert 0.0 <= accs[0] <= 1.0
     with pytest.raises(ConfigError, match="precision"):
-        train_and_test(data.train_images, data.train_labels, data.test_images, data.test_labels, "convnet",
-                       runs=1, epochs=0, device="cpu", progress=False, precision="half")
+        EvalProtocol(precision="half")
