@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa", default=None, help="DSA strategy, or 'none'")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16 autocast (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--log-every", type=int, default=None)
     g = p.add_argument_group("loss weights (override the preset)")
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--seed", type=int, default=EvalProtocol.seed)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the networks (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                    help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
     p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
@@ -169,7 +173,8 @@ def cmd_models(args):
 
 # Options of `distill`, and the DistillConfig field each sets.
 _DISTILL_OPTIONS = ("dataset", "data_root", "image_size", "ipc", "method", "iterations", "lr", "momentum",
-                    "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "checkpoint_every",
+                    "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "precision",
+                    "checkpoint_every",
                     "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
                     "eval_models", "eval_runs", "eval_epochs")
 
@@ -243,7 +248,7 @@ def _evaluate(args, group):
         synset = SyntheticSet.load(args.set)
         # a run folder gets eval.json; a set file gets NAME.eval.json beside it
         default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
-    protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed)
+    protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, precision=args.precision)
     out = Path(args.out) if args.out else default_out
     # before the training, not after it: a record that cannot be written would lose the whole run
     if group is None:

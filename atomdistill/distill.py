@@ -34,7 +34,7 @@ from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_l
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
 from .rng import Stream, generator, seeded
-from .runtime import resolve_device
+from .runtime import autocast, check_precision, resolve_device
 from .synset import SyntheticSet, read_safetensors
 from .zca import ZCA
 
@@ -68,6 +68,7 @@ class DistillConfig:
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"                # fp32 | bf16 (autocast of the forward passes; changes the set)
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
@@ -89,6 +90,7 @@ class DistillConfig:
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
         check_numbers(self)
         loss_weights(self.method)   # validates the method name early
+        check_precision(self.precision)
 
     def resolved(self, image_size: int) -> "DistillConfig":
         """A copy with every automatic value made explicit for this dataset."""
@@ -102,7 +104,7 @@ class DistillConfig:
 
     def eval_protocol(self) -> EvalProtocol:
         """The protocol of the evaluations along the way (eval_every)."""
-        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed)
+        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed, precision=self.precision)
 
     def weights(self):
         return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,
@@ -288,6 +290,7 @@ class Distiller:
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
+        check_precision(self.config.precision, self.device)   # warns once where bf16 is emulated
         # Batch norm normalises with the statistics of the batch it is given, and the synthetic
         # images of all classes go through in one batch: so must the real ones (as in the reference
         # code), or real features would be normalised per class and synthetic ones across classes.
@@ -347,10 +350,18 @@ class Distiller:
                 x = self.train_images[idx]
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)
-                real.add(self.loss_fn.vectors(*net.features(x)), labels)
+                real.add(self.loss_fn.vectors(*self._features(net, x)), labels)
         x = self.dsa.apply(syn, draws, self.syn_labels) if draws is not None else syn
-        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*net.features(x)), self.syn_labels)
+        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*self._features(net, x)), self.syn_labels)
         return self.loss_fn(real.means(), fake.means())
+
+    def _features(self, net: torch.nn.Module, x: torch.Tensor):
+        """net.features(x); with precision bf16 under autocast, the outputs back in fp32 for the loss."""
+        if self.config.precision == "fp32":
+            return net.features(x)
+        with autocast(self.device, self.config.precision):
+            acts, embedding = net.features(x)
+        return [a.float() for a in acts], embedding.float()
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> SyntheticSet:

@@ -56,7 +56,7 @@ from .errors import ConfigError
 from .io import write_json
 from .models import build_model
 from .rng import Stream, generator, seeded
-from .runtime import resolve_device
+from .runtime import autocast, check_precision, resolve_device
 from .synset import SyntheticSet
 
 DEFAULT_DSA = "color_crop_cutout_flip_scale_rotate"
@@ -75,11 +75,13 @@ class EvalProtocol:
     batch_size: int = 256
     dsa: str | None = DEFAULT_DSA    # DSA strategy; None or "none": no augmentation
     seed: int = 0                    # every run's draws come from (seed, run)
+    precision: str = "fp32"          # "bf16": the networks run under bf16 autocast (an option, not the reference)
 
     def __post_init__(self):
         if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"need runs >= 1, epochs >= 0 and batch_size >= 1; got {self.runs}, {self.epochs}, "
                               f"{self.batch_size}")
+        check_precision(self.precision)
 
     @classmethod
     def of(cls, protocol: "EvalProtocol | Mapping[str, Any] | None" = None, **fields) -> "EvalProtocol":
@@ -194,7 +196,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     if aug is not None and not aug.families:
         aug = None
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
-                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1])
+                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1],
+                 check_precision(protocol.precision, dev))
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
     group = len(run_ids) if batched else 1
@@ -300,6 +303,7 @@ class _Spec:
     channels: int
     num_classes: int
     image_size: int
+    precision: str = "fp32"
 
 
 def _fresh_model(spec: _Spec, seed: int, run: int, device: torch.device) -> torch.nn.Module:
@@ -365,12 +369,14 @@ def _train_one(spec, ids, images, labels, test_images, test_labels, protocol, au
         x = images[idx]
         if aug is not None:
             x = aug.apply(x, _draws(aug, len(idx), seed, run, step).to(device))
-        return _loss(net(x).unsqueeze(0), labels[idx].unsqueeze(0))
+        with autocast(device, spec.precision):
+            logits = net(x)
+        return _loss(logits.float().unsqueeze(0), labels[idx].unsqueeze(0))
 
     _fit(list(net.parameters()), protocol,
          lambda ep: _shuffle(len(images), seed, run, ep, device).split(protocol.batch_size), batch_loss, bar)
     net.eval()
-    with torch.no_grad():
+    with torch.inference_mode(), autocast(device, spec.precision):
         correct = sum(int((net(x).argmax(1) == y).sum())
                       for x, y in zip(test_images.split(TEST_CHUNK), test_labels.split(TEST_CHUNK)))
     finite = bool(_finite_runs([t.unsqueeze(0) for t in (*net.parameters(), *net.buffers())], 1)[0])
@@ -402,14 +408,16 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, protocol, 
         x = images[idx.flatten()]
         if aug is not None:
             x = aug.apply(x, _cat_params([_draws(aug, b, seed, run, step) for run in ids]).to(device))
-        return _loss(forward_all(params, buffers, x.view(r, b, *x.shape[1:])), labels[idx])
+        with autocast(device, spec.precision):
+            logits = forward_all(params, buffers, x.view(r, b, *x.shape[1:]))
+        return _loss(logits.float(), labels[idx])
 
     skeleton.train()
     _fit(list(params.values()), protocol, batches, batch_loss, bar)
     skeleton.eval()
     correct = torch.zeros(r, dtype=torch.long, device=device)
     chunk = max(1, TEST_CHUNK // r)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, spec.precision):
         for x, y in zip(test_images.split(chunk), test_labels.split(chunk)):
             correct += (forward_shared(params, buffers, x).argmax(-1) == y).sum(1)
     finite = _finite_runs([*params.values(), *buffers.values()], r).tolist()

@@ -65,8 +65,10 @@ def abs_pow(f: torch.Tensor, power: float) -> torch.Tensor:
     p = float(power)
     if p >= 2 and p.is_integer() and int(p) & (int(p) - 1) == 0:
         out = f.square()
+        # Without a graph (the real images) the later squarings reuse the first result's memory.
+        in_place = not (torch.is_grad_enabled() and f.requires_grad)
         for _ in range(int(p).bit_length() - 2):
-            out = out.square()
+            out = out.square_() if in_place else out.square()
         return out
     return f.abs().pow(p)
 
