@@ -232,7 +232,7 @@ class ProcessGroup:
         self.agree(check_compatible, synset, dataset)
         if test is None:
             test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
-        return self.evaluate_runs(synset.images, synset.labels, test[0], test[1], models, runs, epochs,
+        return self.evaluate_runs(*synset.decoded(), test[0], test[1], models, runs, epochs,
                                   num_classes=synset.num_classes, progress=progress, **protocol)
 
     def evaluate_runs(self, images, labels, test_images, test_labels, models: Sequence[str] | str, runs: int,
@@ -466,7 +466,7 @@ class ShardedDistiller(Distiller):
             labels = torch.tensor(self.global_ids)[self.data.test_labels]
             self._eval_test = (self.group.all_gather_rows(test, "gathering the test split"),
                                self.group.all_gather_rows(labels, "gathering the test split"))
-        results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
+        results = self.group.evaluate_runs(*synset.decoded(), *self._eval_test, cfg.eval_models,
                                            cfg.eval_runs, cfg.eval_epochs, num_classes=self.num_classes_total,
                                            progress=False, seed=cfg.seed)
         return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}

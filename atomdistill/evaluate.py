@@ -74,6 +74,7 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
              max_parallel: int | None = None) -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
+    A multi-formation set (factor > 1) trains on its decoded images (``synset.decoded()``).
     Returns ``{model: {"mean", "std", "accs", "seconds"}}`` with accuracies as fractions and
     ``std`` the population standard deviation (``np.std``), as the reference reports.
     `test`: (images, labels) already in the set's space (skips ``synset.prepare_real``).
@@ -84,7 +85,8 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     if test is None:
         test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
     dev = resolve_device(device)
-    images, labels = synset.images.detach().to(dev, torch.float32), synset.labels.to(dev, torch.long)
+    images, labels = synset.decoded()
+    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
     test_images, test_labels = test[0].detach().to(dev, torch.float32), test[1].to(dev, torch.long)
     results = {}
     for name in models:
@@ -191,7 +193,7 @@ def evaluation_record(synset: SyntheticSet, results: dict, protocol: dict, path:
         "set": {"path": None if path is None else str(path), "dataset": synset.dataset, "method": synset.method,
                 "ipc": None if is_full else synset.ipc, "num_classes": synset.num_classes,
                 "iterations": None if iterations is None else int(iterations),
-                "seed": synset.config.get("seed")},
+                "seed": synset.config.get("seed"), "factor": synset.factor},
         "protocol": full,
         "results": {m: {"mean": float(r["mean"]), "std": float(r["std"]), "accs": [float(a) for a in r["accs"]],
                         "seconds": float(r["seconds"])} for m, r in results.items()},

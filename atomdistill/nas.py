@@ -277,6 +277,7 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
         if ipc is not None:
             raise ConfigError("--ipc applies to the 'random' proxy only; the 'full' proxy is the whole training set")
         images, labels, test_images = data.train_images, data.train_labels, data.test_images
+        stored = images
         proxy_id = {"kind": "full", "method": "full", "ipc": None}
         label = f"full-e{epochs}"
     else:
@@ -290,12 +291,13 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
                 raise ConfigError("--ipc applies to the 'random' proxy only; a synthetic set has its own size")
             synset = proxy if isinstance(proxy, SyntheticSet) else SyntheticSet.load(proxy)
             check_compatible(synset, data)
-        images, labels, test_images = synset.images, synset.labels, synset.prepare_real(data.test_images)
+        # A multi-formation set trains on its decoded images; its storage is what it stores.
+        (images, labels), test_images, stored = synset.decoded(), synset.prepare_real(data.test_images), synset.images
         # Identified by its content, not its path: the same set moved or named otherwise resumes.
         proxy_id = {"kind": kind, "method": synset.method or "set", "ipc": synset.ipc,
                     "hash": hash_tensors(images, labels)}
         label = f"{proxy_id['method']}-ipc{synset.ipc}"
-    storage = {"images": int(len(images)), "bytes": int(images.numel() * 4),
+    storage = {"images": int(len(stored)), "bytes": int(stored.numel() * 4),
                "note": "float32 images in the model-input space, as stored"}
 
     grid_used = resolve_space(space, grid)
