@@ -3,6 +3,10 @@
     python bench/distill_speed.py --data-root DIR                 # CIFAR-10, IPC 1 10 50, every preset
     python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 10 --iterations 15
     python bench/distill_speed.py --dataset digits                # the embedded set, no download
+    python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 --methods atom --nets pool --pool-steps 2
+
+Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to every row; with --nets
+pool an iteration includes the pool network's training steps, as in a run.
 
 Each (method, IPC) runs in its own process so that its peak memory is its own: peak RSS of
 that process on the CPU, peak allocated memory on a GPU. s/iter is the median over the
@@ -24,6 +28,9 @@ import time
 from atomdistill.evaluate import cpu_name
 
 
+LOOP_OPTIONS = ("factor", "nets", "pool_size", "pool_steps", "pool_refresh", "mmd_kernel")
+
+
 def measure(args) -> dict:
     """One configuration, in this process."""
     import torch
@@ -36,7 +43,7 @@ def measure(args) -> dict:
     data = load_dataset(args.dataset, args.data_root)
     cfg = DistillConfig(dataset=args.dataset, ipc=args.one_ipc, method=args.one_method, batch_real=args.batch_real,
                         zca=args.zca, device=args.device, iterations=args.iterations, seed=0,
-                        real_chunk=args.real_chunk)
+                        real_chunk=args.real_chunk, **{k: getattr(args, k) for k in LOOP_OPTIONS})
     d = Distiller(cfg, data=data, progress=False)
     device = d.device
     if device.type == "cuda":
@@ -50,6 +57,8 @@ def measure(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if d.pool is not None:
+            d.pool.train(it)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
@@ -76,6 +85,12 @@ def main():
     p.add_argument("--zca", action="store_true", help="whiten (the default for CIFAR distillation; off in P1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--factor", type=int, default=1)
+    p.add_argument("--nets", choices=("random", "pool"), default="random")
+    p.add_argument("--pool-size", type=int, default=100)
+    p.add_argument("--pool-steps", type=int, default=10)
+    p.add_argument("--pool-refresh", type=int, default=30)
+    p.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None)
     p.add_argument("--one-method", help=argparse.SUPPRESS)
     p.add_argument("--one-ipc", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -87,7 +102,8 @@ def main():
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() and args.device != 'cpu' else ''}")
     print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, "
-          f"median of iterations {args.warmup}..{args.iterations - 1}\n")
+          f"median of iterations {args.warmup}..{args.iterations - 1}; "
+          + ", ".join(f"{k} {getattr(args, k)}" for k in LOOP_OPTIONS) + "\n")
     print("| method | IPC | s/iter | peak memory |\n|---|---|---|---|")
     rows = []
     for ipc in args.ipc:
