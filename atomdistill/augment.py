@@ -1,4 +1,4 @@
-"""DSA: differentiable Siamese augmentation (METHOD.md section 5), vectorised over the batch.
+"""DSA: differentiable Siamese augmentation (docs/method.md, "DSA"), vectorised over the batch.
 
 Follows DiffAugment/ParamDiffAug of VICO-UoE/DatasetCondensation (and MTT's copy, which passes
 ``align_corners=True`` to affine_grid/grid_sample; we do the same) in its single-family mode 'S':

@@ -42,7 +42,7 @@ __all__ = [
 
 DEFAULT_DATA_ROOT = "./data"
 
-# Fixed published statistics (METHOD.md section 7), so runs on the same dataset are comparable.
+# Fixed published statistics (docs/method.md, "Datasets"), so runs on the same dataset are comparable.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)

@@ -1,4 +1,4 @@
-"""The distillation loop (METHOD.md section 2).
+"""The distillation loop (docs/method.md: "One distillation iteration"; every default and its reason).
 
 Every iteration: draw a fresh random network seeded from (seed, iteration) (or, with
 `nets="pool"`, a member of a pool of networks that train on real data: atomdistill.netpool);

@@ -1,4 +1,4 @@
-"""Evaluation protocol (METHOD.md section 4): train fresh networks on a set, test on real data.
+"""Evaluation protocol (docs/evaluation.md): train fresh networks on a set, test on real data.
 
 Per run: a fresh network, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cross-entropy, batches
 of 256 reshuffled every epoch, DSA on every training batch (one family per batch, each image its
@@ -177,7 +177,8 @@ def full_training_set(dataset: ImageDataset) -> SyntheticSet:
 
 def evaluation_record(synset: SyntheticSet, results: dict, protocol: dict, path: str | os.PathLike | None = None,
                       *, device: str | torch.device | None = None, out: str | os.PathLike | None = None) -> dict:
-    """The JSON evaluation record (format in notes/CONTEXT.md) that `atomdistill report` reads.
+    """The JSON evaluation record that `atomdistill report` reads (format: docs/evaluation.md,
+    "The evaluation record"): keys ``set``, ``protocol``, ``results``, ``hardware``.
 
     `path`: where the set was loaded from (None for the full training set); `protocol`: the
     options evaluate() ran with (missing ones get evaluate()'s defaults); `out`: also write it there."""

@@ -1,4 +1,4 @@
-"""The matching loss of ATOM and the methods it extends (METHOD.md section 3).
+"""The matching loss of ATOM and the methods it extends (docs/method.md, "The loss").
 
 One parameterised loss: spatial attention, channel attention and final-layer (linear-kernel
 MMD) terms. DM, DataDAM, channel-only and ATOM differ only in their `LossWeights`.

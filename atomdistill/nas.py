@@ -1,4 +1,4 @@
-"""Neural architecture search with a proxy set (METHOD.md section 8).
+"""Neural architecture search with a proxy set (docs/evaluation.md, "Neural architecture search").
 
 The DC/DM/DataDAM protocol: train every ConvNet of a search space on a small *proxy* (a
 distilled set, a random real subset of the same size, or the whole data trained for only a few

@@ -1,13 +1,13 @@
 """The CIFAR-10 benchmark: every method and baseline, one protocol, one table.
 
-    python ../shared/data/cifar10/prepare.py data           # once: CIFAR-10 into data/
-    python bench/cifar10.py --budget cpu --data-root data    # P1 of BENCHMARKS.md, about 75 min on 2 cores
+    atomdistill data cifar10 --data-root data --download    # once: CIFAR-10 into data/ (any official-layout copy works)
+    python bench/cifar10.py --budget cpu --data-root data    # P1 of docs/benchmarks.md, about 75 min on 2 cores
     python bench/cifar10.py --budget paper --data-root data  # the published protocol, for a GPU
     python bench/cifar10.py --data-root data --methods atom --baselines --ipc 1 --options "--factor 2"
                                                              # P1 with extra distill options (issue 16's)
 
 Budgets:
-  cpu    Protocol P1 of ../shared/docs/BENCHMARKS.md, so our rows sit beside the official
+  cpu    Protocol P1 of docs/benchmarks.md, so our rows sit beside the official
          code's: ConvNet-3 (instance norm), real init, Siamese DSA, no ZCA, 64 real images per
          class, SGD lr 1 momentum 0.5, 300 iterations at IPC 1 and 200 at IPC 10; evaluation
          3 fresh ConvNets x 300 epochs. The same iterations, real batch and evaluation for
@@ -51,7 +51,8 @@ BUDGETS = {
 METHODS = ["dm", "datadam", "channel", "atom"]
 BASELINES = ["random", "herding", "kcenter"]
 
-# The official code under P1 (../shared/docs/BENCHMARKS.md), for the table's side-by-side rows.
+# The official code under P1 (docs/benchmarks.md: CPU B is the AMD EPYC, CPU A the Intel Xeon), for the
+# table's accuracy rows. Their s/iter is from another day: divide ours by it only when measured side by side.
 OFFICIAL_P1 = {
     "AMD EPYC": [("DM (ConvNet-IN), official", 1, "26.57 ± 0.47", "18.40 ± 0.24", 0.69, "2.6 GB"),
                  ("DM (ConvNet-IN), official", 10, "43.24 ± 0.04", "31.33 ± 0.30", 0.90, "2.7 GB"),
@@ -217,7 +218,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     cpu = cpu_name()
     for vendor, rows in OFFICIAL_P1.items():
         if args.budget == "cpu" and vendor.split()[0] in cpu:
-            lines += ["", f"The official code under P1 on {vendor} (../shared/docs/BENCHMARKS.md):", "",
+            lines += ["", f"The official code under P1 on {vendor} (docs/benchmarks.md):", "",
                       "| method | IPC | final accuracy % | random-init accuracy % | s/iter | peak RSS |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| {m} | {i} | {a} | {r} | {s if s else '–'} | {mem} |" for m, i, a, r, s, mem in rows]

@@ -9,7 +9,7 @@ from atomdistill.loss import (PRESETS, ClassMeans, LossWeights, MatchingLoss, ch
 
 
 def _direct_loss(w: LossWeights, real_acts, real_emb, real_y, syn_acts, syn_emb, syn_y, K):
-    """The formula of METHOD.md section 3, written with loops over classes, layers and images."""
+    """The formula of docs/method.md ("The loss"), written with loops over classes, layers and images."""
     total = {"spatial": 0.0, "channel": 0.0, "mmd": 0.0}
     layers = range(len(real_acts)) if w.layers is None else [i - 1 for i in w.layers]
     for k in range(K):
