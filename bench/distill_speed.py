@@ -11,8 +11,10 @@ pool an iteration includes the pool network's training steps, as in a run.
 Each (method, IPC) runs in its own process so that its peak memory is its own: peak RSS of
 that process on the CPU, peak allocated memory on a GPU. s/iter is the median over the
 iterations after the first `--warmup` (network build, data sampling, DSA, forward, backward,
-step: everything of one iteration, nothing else). The hardware line names CPU, threads and
-torch version; compare rows only within one run.
+step: everything of one iteration, nothing else). CPU s/iter is the process's CPU time for the
+same iterations: on a machine shared with other jobs it counts this job's work, not its wait
+(with several threads it sums over them). The hardware line names CPU, threads and torch
+version; compare rows only within one run.
 """
 from __future__ import annotations
 
@@ -50,9 +52,9 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     syn = d.train_images[torch.cat([i[:cfg.ipc] for i in d.cpu_class_indices])].clone().requires_grad_(True)
     opt = torch.optim.SGD([syn], lr=d.config.lr, momentum=0.5)
-    times = []
+    times, cpu_times = [], []
     for it in range(args.iterations):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss, _ = d.step_loss(syn, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -62,6 +64,7 @@ def measure(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         mem = f"{peak:.2f} GB GPU"
@@ -69,6 +72,7 @@ def measure(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kB -> GB
         mem = f"{peak:.2f} GB RSS"
     return {"method": args.one_method, "ipc": args.one_ipc, "s_per_iter": statistics.median(times[args.warmup:]),
+            "cpu_s_per_iter": statistics.median(cpu_times[args.warmup:]),
             "peak_gb": peak, "memory": mem, "device": str(device)}
 
 
@@ -104,7 +108,7 @@ def main():
     print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, "
           f"median of iterations {args.warmup}..{args.iterations - 1}; "
           + ", ".join(f"{k} {getattr(args, k)}" for k in LOOP_OPTIONS) + "\n")
-    print("| method | IPC | s/iter | peak memory |\n|---|---|---|---|")
+    print("| method | IPC | s/iter | CPU s/iter | peak memory |\n|---|---|---|---|---|")
     rows = []
     for ipc in args.ipc:
         for method in args.methods:
@@ -112,11 +116,12 @@ def main():
                 a for a in sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
-                print(f"| {method} | {ipc} | failed: {out.stderr.strip().splitlines()[-1]} | |")
+                print(f"| {method} | {ipc} | failed: {out.stderr.strip().splitlines()[-1]} | | |")
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"| {method} | {ipc} | {row['s_per_iter']:.3f} | {row['memory']} |", flush=True)
+            print(f"| {method} | {ipc} | {row['s_per_iter']:.3f} | {row['cpu_s_per_iter']:.3f} | {row['memory']} |",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

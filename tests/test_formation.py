@@ -136,3 +136,17 @@ def test_show_decoded_grid_from_the_command_line(tmp_path, capsys):
     stored, decoded = Image.open(tmp_path / "stored.png"), Image.open(tmp_path / "decoded.png")
     assert decoded.size[0] > stored.size[0] and decoded.size[1] == stored.size[1]   # 4 images per class row, not 1
     assert len(list((tmp_path / "images").rglob("*.png"))) == 40
+
+
+def test_report_gives_a_factor_2_set_its_own_row_at_its_stored_ipc(tmp_path):
+    import json
+    from atomdistill.report import load_records, markdown_table
+    for name, factor, acc in (("plain", None, 0.27), ("tiled", 2, 0.33)):
+        rec = {"set": {"path": None, "dataset": "cifar10", "method": "atom", "ipc": 1, "num_classes": 10,
+                       "iterations": 300, "seed": 0, **({"factor": factor} if factor else {})},
+               "protocol": {"runs": 3, "epochs": 300}, "hardware": {"device": "cpu", "cpu": "x", "torch": "2"},
+               "results": {"convnet": {"mean": acc, "std": 0.0, "accs": [acc], "seconds": 1.0}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    md = markdown_table(load_records([str(tmp_path / "plain.json"), str(tmp_path / "tiled.json")]))
+    assert "| atom | 27.0 ± 0.0 |" in md and "| atom (factor 2) | 33.0 ± 0.0 |" in md
+    assert "Duplicates" not in md
