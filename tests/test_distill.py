@@ -7,7 +7,7 @@ from atomdistill import DistillConfig, SyntheticSet, distill, resume
 from atomdistill.distill import Distiller
 from atomdistill.errors import AtomDistillError, ConfigError
 from atomdistill.zca import ZCA
-from conftest import make_dataset
+from conftest import interrupt_run, make_dataset
 
 FAST = dict(iterations=6, batch_real=5, log_every=1, checkpoint_every=3, progress=False, device="cpu")
 
@@ -51,17 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     full = distill(data, ipc=2, out=tmp_path / "full", **FAST)
 
     # Interrupt a second run at iteration 5 (its last checkpoint is at 3) ...
-    original = Distiller.step_loss
-
-    def crash_at_5(self, syn, iteration):
-        if iteration == 4:
-            raise KeyboardInterrupt
-        return original(self, syn, iteration)
-
-    monkeypatch.setattr(Distiller, "step_loss", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        distill(make_dataset(), ipc=2, out=tmp_path / "run", **FAST)
-    monkeypatch.setattr(Distiller, "step_loss", original)
+    interrupt_run(monkeypatch, 4, ipc=2, out=tmp_path / "run", **FAST)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 3
 
     # ... and resume it from its folder (the dataset is loaded again by name, so hand it in).

@@ -9,7 +9,7 @@ from atomdistill import DistillConfig, distill
 from atomdistill.distill import Distiller
 from atomdistill.errors import ConfigError
 from atomdistill.netpool import NetworkPool
-from conftest import make_dataset
+from conftest import interrupt_run, make_dataset
 
 FAST = dict(iterations=6, batch_real=5, log_every=1, checkpoint_every=3, progress=False, device="cpu")
 POOL = dict(nets="pool", pool_size=2, pool_refresh=2, pool_steps=1)
@@ -52,17 +52,7 @@ def test_one_network_refreshed_every_iteration_without_training_is_the_random_so
 
 def test_resumed_pool_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     full = distill(make_dataset(), ipc=2, out=tmp_path / "full", **POOL, **FAST)
-    original = Distiller.step_loss
-
-    def crash_at_4(self, syn, iteration):
-        if iteration == 4:
-            raise KeyboardInterrupt
-        return original(self, syn, iteration)
-
-    monkeypatch.setattr(Distiller, "step_loss", crash_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        distill(make_dataset(), ipc=2, out=tmp_path / "run", **POOL, **FAST)
-    monkeypatch.setattr(Distiller, "step_loss", original)
+    interrupt_run(monkeypatch, 4, ipc=2, out=tmp_path / "run", **POOL, **FAST)   # last checkpoint: iteration 3
     shutil.copytree(tmp_path / "run", tmp_path / "copy")
     cfg = DistillConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())["config"])
     resumed = Distiller(cfg, data=make_dataset(), out=tmp_path / "run", resume=True, progress=False).run()
