@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("spatial", "w_s"), ("channel", "w_c"), ("mmd", "lambda"), ("power", "p"), ("scale", "scale")):
         g.add_argument(f"--{name}", type=float, default=None, help=text)
     g.add_argument("--layers", type=_floats, default=None, help="intermediate blocks, e.g. 1,2")
+    g.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None,
+                   help="final-layer term: linear (class means, default) or gaussian (M3D's kernel MMD)")
+    g = p.add_argument_group("beyond ATOM: multi-formation and the network source")
+    g.add_argument("--factor", type=int, default=None,
+                   help="each stored image holds FxF tiles, each upsampled to a training image (IDC; default 1)")
+    g.add_argument("--nets", choices=("random", "pool"), default=None,
+                   help="matching networks: random (fresh each iteration, default) or pool (IDM: trained on real data)")
+    g.add_argument("--pool-size", type=int, default=None, help="networks in the pool (100)")
+    g.add_argument("--pool-steps", type=int, default=None, help="SGD steps the used network trains per iteration (10)")
+    g.add_argument("--pool-refresh", type=int, default=None, help="a new network joins every N iterations (30)")
     g = p.add_argument_group("evaluation along the way")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every K iterations (0: never)")
     _add_eval_args(g, prefix="eval-", defaults=False)
@@ -127,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set")
     p.add_argument("--out", default="grid.png")
     p.add_argument("--folder", default=None, help="also export one PNG per image into this folder")
+    p.add_argument("--decoded", action="store_true",
+                   help="show the images training sees (a multi-formation set's decoded tiles), not the stored ones")
 
     p = sub.add_parser("nas", help="architecture search with a proxy set: does it rank ConvNets like whole data?")
     p.add_argument("--proxy", required=True,
@@ -176,7 +188,8 @@ _DISTILL_OPTIONS = ("dataset", "data_root", "image_size", "ipc", "method", "iter
                     "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "precision",
                     "checkpoint_every",
                     "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
-                    "eval_models", "eval_runs", "eval_epochs")
+                    "eval_models", "eval_runs", "eval_epochs", "mmd_kernel", "factor", "nets", "pool_size",
+                    "pool_steps", "pool_refresh")
 
 
 def cmd_distill(args):
@@ -291,9 +304,9 @@ def cmd_baseline(args):
 def cmd_show(args):
     from .synset import SyntheticSet
     synset = SyntheticSet.load(args.set)
-    print(f"{synset}\ngrid: {synset.save_grid(args.out)}")
+    print(f"{synset}\ngrid: {synset.save_grid(args.out, decoded=args.decoded)}")
     if args.folder:
-        print(f"images: {synset.export_folder(args.folder)}")
+        print(f"images: {synset.export_folder(args.folder, decoded=args.decoded)}")
 
 
 def cmd_report(args):

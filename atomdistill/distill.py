@@ -1,9 +1,11 @@
 """The distillation loop (docs/method.md: "One distillation iteration"; every default and its reason).
 
-Every iteration: draw a fresh random network seeded from (seed, iteration); sample a real
-batch per class; augment real and synthetic images of each class with one shared DSA draw;
-push real images through the network without a graph, accumulating class means of the
-matching vectors; push all synthetic images through it in one forward; step the pixels.
+Every iteration: draw a fresh random network seeded from (seed, iteration) (or, with
+`nets="pool"`, a member of a pool of networks that train on real data: atomdistill.netpool);
+sample a real batch per class; augment real and synthetic images of each class with one shared
+DSA draw; push real images through the network without a graph, accumulating class means of the
+matching vectors; push all synthetic images (decoded, with multi-formation `factor` > 1:
+atomdistill.formation) through it in one forward; step the pixels.
 
 All randomness is derived from (seed, iteration, class), never from a global stream, so a run
 resumed from a checkpoint equals an uninterrupted one, and a process that owns only some of
@@ -31,6 +33,7 @@ from .errors import AtomDistillError, ConfigError
 from .evaluate import EvalProtocol, evaluate
 from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_leftover, remove_stale_temporaries,
                  write_json)
+from .formation import check_factor, decode, decode_labels, encode
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
 from .rng import Stream, generator, seeded
@@ -75,6 +78,13 @@ class DistillConfig:
     eval_models: tuple[str, ...] = ("convnet",)
     eval_runs: int = EvalProtocol.runs
     eval_epochs: int = EvalProtocol.epochs
+    # Beyond ATOM (README "Options of the loss"): multi-formation, the network source, the kernel.
+    factor: int = 1                        # each stored image holds factor x factor tiles (IDC)
+    nets: str = "random"                   # random: a fresh network per iteration; pool: IDM's trained pool
+    pool_size: int = 100                   # networks kept (IDM's net_num)
+    pool_steps: int = 10                   # SGD steps the used network trains per iteration (IDM's model_train_steps)
+    pool_refresh: int = 30                 # a network joins every this many iterations (IDM's net_generate_interval)
+    mmd_kernel: str | None = None          # final-layer term: linear | gaussian (None: the preset's, linear)
 
     def __post_init__(self):
         if self.layers is not None:
@@ -91,9 +101,18 @@ class DistillConfig:
         check_numbers(self)
         loss_weights(self.method)   # validates the method name early
         check_precision(self.precision)
+        self.factor = check_factor(self.factor)
+        if self.nets not in ("random", "pool"):
+            raise ConfigError(f"nets must be 'random' or 'pool', got {self.nets!r}")
+        if self.pool_size < 1 or self.pool_refresh < 1 or self.pool_steps < 0:
+            raise ConfigError(f"need pool_size >= 1, pool_refresh >= 1 and pool_steps >= 0; got {self.pool_size}, "
+                              f"{self.pool_refresh}, {self.pool_steps}")
+        if self.mmd_kernel is not None:
+            loss_weights(self.method, mmd_kernel=self.mmd_kernel)   # validates the kernel name
 
     def resolved(self, image_size: int) -> "DistillConfig":
         """A copy with every automatic value made explicit for this dataset."""
+        check_factor(self.factor, image_size)
         return dataclasses.replace(
             self,
             image_size=image_size,
@@ -108,7 +127,7 @@ class DistillConfig:
 
     def weights(self):
         return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,
-                            power=self.power, scale=self.scale, layers=self.layers)
+                            power=self.power, scale=self.scale, layers=self.layers, mmd_kernel=self.mmd_kernel)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,13 +196,17 @@ def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequen
 
 
 def initial_images(train_images: torch.Tensor, class_indices: Sequence[torch.Tensor], global_ids: Sequence[int],
-                   ipc: int, init: str, seed: int) -> torch.Tensor:
-    """ipc random real images of each class (in the space of train_images), or Gaussian noise."""
+                   ipc: int, init: str, seed: int, factor: int = 1) -> torch.Tensor:
+    """ipc random real images of each class (in the space of train_images), or Gaussian noise.
+
+    With factor f > 1 each stored image holds f^2 random real images of its class, downsampled
+    into its tiles, as IDC initialises (formation.encode)."""
     images = []
     for cls_idx, gid in zip(class_indices, global_ids):
         g = generator(seed, Stream.INIT, gid)
         if init == "real":
-            images.append(train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
+            picks = cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc * factor ** 2]]
+            images.append(encode(train_images[picks].cpu(), factor))
         else:
             images.append(torch.randn(ipc, *train_images.shape[1:], generator=g))
     return torch.cat(images).float().clone()
@@ -196,6 +219,7 @@ class RunState:
     images: torch.Tensor
     momentum: torch.Tensor | None
     history: list[dict] = field(default_factory=list)
+    pool: dict[str, torch.Tensor] | None = None   # NetworkPool.state_tensors() with --nets pool
 
 
 def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: str = "atom", *,
@@ -297,9 +321,19 @@ class Distiller:
         # Other norms act per image, so the real batch can go through in chunks.
         self.real_in_one_batch = has_batch_norm(build_model(self.config.net, data.channels, 2, data.image_size))
         self.syn_labels = torch.arange(data.num_classes, device=self.device).repeat_interleave(self.config.ipc)
+        self.decoded_labels = decode_labels(self.syn_labels, self.config.factor)
+        self.pool = None
+        if self.config.nets == "pool":
+            if self.global_ids != list(range(self.num_classes_total)):
+                raise ConfigError("--nets pool trains its networks on the real images of every class, which a "
+                                  "class-sharded run (torchrun with 2+ processes) splits over processes; run it in "
+                                  "one process, or use --nets random")
+            from .netpool import NetworkPool
+            self.pool = NetworkPool(self.config, data.channels, self.num_classes_total, self.train_images,
+                                    data.train_labels, self.device)
 
     def _check_ipc(self):
-        check_ipc(self.data, self.config.ipc)
+        check_ipc(self.data, self.config.ipc, self.config.factor if self.config.init == "real" else 1)
 
     # Seams for atomdistill.distributed.ShardedDistiller, which runs them across processes.
     def _check_out(self, overwrite: bool):
@@ -334,7 +368,8 @@ class Distiller:
     # ---- one iteration ----------------------------------------------------------------------
     def step_loss(self, syn: torch.Tensor, iteration: int):
         cfg = self.config
-        net = random_network(cfg, self.data.channels, self.num_classes_total, iteration, self.device)
+        net = (self.pool.network(iteration) if self.pool is not None
+               else random_network(cfg, self.data.channels, self.num_classes_total, iteration, self.device))
         draws = None
         if self.dsa is not None:   # one draw per class (Siamese), shared by its real and synthetic images
             draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, Stream.DSA, iteration))
@@ -342,7 +377,8 @@ class Distiller:
         real_idx, real_labels = real_batch_indices(self.cpu_class_indices, self.global_ids, cfg.batch_real,
                                                    cfg.seed, iteration)
         real_idx, real_labels = real_idx.to(self.device), real_labels.to(self.device)
-        real = ClassMeans(self.data.num_classes)
+        keep = self.loss_fn.sample_terms   # per-image vectors for a kernel MMD (none for the linear kernel)
+        real = ClassMeans(self.data.num_classes, keep)
         with torch.no_grad():
             chunk = len(real_idx) if self.real_in_one_batch else cfg.real_chunk or (64 if self.device.type == "cpu"
                                                                                    else 4096)
@@ -351,9 +387,10 @@ class Distiller:
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)
                 real.add(self.loss_fn.vectors(*self._features(net, x)), labels)
-        x = self.dsa.apply(syn, draws, self.syn_labels) if draws is not None else syn
-        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*self._features(net, x)), self.syn_labels)
-        return self.loss_fn(real.means(), fake.means())
+        x = decode(syn, cfg.factor)   # factor 1: syn itself
+        x = self.dsa.apply(x, draws, self.decoded_labels) if draws is not None else x
+        fake = ClassMeans(self.data.num_classes, keep).add(self.loss_fn.vectors(*self._features(net, x)), self.decoded_labels)
+        return self.loss_fn.compare(real, fake)
 
     def _features(self, net: torch.nn.Module, x: torch.Tensor):
         """net.features(x); with precision bf16 under autocast, the outputs back in fp32 for the loss."""
@@ -381,13 +418,15 @@ class Distiller:
             self._saved_iteration = state.iteration
         if state is None:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
-                                               cfg.init, cfg.seed), None)
+                                               cfg.init, cfg.seed, cfg.factor), None)
         if self.out is not None:   # on resume too: a later --resume continues with what this one changed
             self._write_config()
         syn = state.images.to(self.device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr, momentum=cfg.momentum)
         if state.momentum is not None:
             opt.state[syn]["momentum_buffer"] = state.momentum.to(self.device)
+        if self.pool is not None and state.pool is not None:
+            self.pool.load_state_tensors(state.pool)
         history = state.history
         bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not self.progress, unit="it",
                    desc=f"{cfg.method} ipc={cfg.ipc}", dynamic_ncols=True)
@@ -402,6 +441,8 @@ class Distiller:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if self.pool is not None:   # the network just used learns a little more
+                self.pool.train(it)
             done = it + 1
             t_iter = time.perf_counter() - t_iter
             bar.update(1)
@@ -415,7 +456,8 @@ class Distiller:
                 history.append({"iteration": done, "eval": self.evaluate(syn)})
                 bar.set_postfix(loss=f"{total.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
             if self.out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-                self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history))
+                self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history,
+                                               self.pool.state_tensors() if self.pool is not None else None))
                 self._saved_iteration = done
         bar.close()
         synset = self.synthetic_set(syn, state_iteration=max(cfg.iterations, state.iteration), history=history)
@@ -456,7 +498,7 @@ class Distiller:
                             class_names=list(self.data.class_names), mean=tuple(self.data.mean),
                             std=tuple(self.data.std), zca=self.zca.to("cpu") if self.zca is not None else None,
                             dataset=self.config.dataset, method=self.config.method,
-                            config=self.config.to_dict(), info=info)
+                            config=self.config.to_dict(), info=info, factor=self.config.factor)
 
     # ---- files ----------------------------------------------------------------------------------
     def _save_checkpoint(self, state: RunState):
@@ -465,6 +507,7 @@ class Distiller:
             tensors["momentum"] = state.momentum.float().cpu().contiguous()
         if not all(torch.isfinite(t).all() for t in tensors.values()):   # never replace a good checkpoint
             raise self._diverged(f"the synthetic images became non-finite at iteration {state.iteration}")
+        tensors.update({f"pool.{k}": v for k, v in (state.pool or {}).items()})
         meta = json.loads(json.dumps({"iteration": state.iteration, "config": self.config.to_dict(),
                                       "history": state.history}))
         meta["checksum"] = content_checksum(tensors, meta)
@@ -488,7 +531,8 @@ class Distiller:
         if _result_fields(saved) != _result_fields(self.config):
             raise ConfigError(f"the checkpoint in {self.out} was made with another configuration; resume "
                               "with the same options (or none: `atomdistill distill --resume RUN_DIR`)")
-        return RunState(meta["iteration"], tensors["images"], tensors.get("momentum"), meta["history"])
+        pool = {k[len("pool."):]: v for k, v in tensors.items() if k.startswith("pool.")}
+        return RunState(meta["iteration"], tensors["images"], tensors.get("momentum"), meta["history"], pool or None)
 
     def _finish(self, synset: SyntheticSet, history: list[dict]):
         from .plots import plot_history
@@ -535,12 +579,18 @@ def _result_fields(cfg: DistillConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
-def check_ipc(data: ImageDataset, ipc: int):
-    """ConfigError unless every class of `data` has at least `ipc` training images."""
+def check_ipc(data: ImageDataset, ipc: int, factor: int = 1):
+    """ConfigError unless every class of `data` has at least `ipc` training images (ipc * factor^2
+    when a multi-formation set starts from real images)."""
     counts = [len(i) for i in data.class_indices()]
-    small = [(data.class_names[k], n) for k, n in enumerate(counts) if n < ipc]
+    need = ipc * factor ** 2
+    small = [(data.class_names[k], n) for k, n in enumerate(counts) if n < need]
     if small:
         name, n = small[0]
+        if factor > 1:
+            raise ConfigError(f"--ipc {ipc} with --factor {factor} starts from {need} real images per class, more "
+                              f"than class {name!r} has ({n}); use --ipc {max(1, min(counts) // factor ** 2)} or "
+                              "less, a smaller --factor, or --init noise")
         raise ConfigError(f"--ipc {ipc} is larger than class {name!r}, which has {n} training "
                           f"images; use --ipc {min(counts)} or less")
 

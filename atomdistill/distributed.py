@@ -235,7 +235,7 @@ class ProcessGroup:
         self.agree(check_compatible, synset, dataset)
         if test is None:
             test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
-        return self.evaluate_runs(synset.images, synset.labels, test[0], test[1], models, protocol,
+        return self.evaluate_runs(*synset.decoded(), test[0], test[1], models, protocol,
                                   num_classes=synset.num_classes, progress=progress, batched=batched,
                                   max_parallel=max_parallel)
 
@@ -488,6 +488,6 @@ class ShardedDistiller(Distiller):
             labels = torch.tensor(self.global_ids)[self.data.test_labels]
             self._eval_test = (self.group.all_gather_rows(test, "gathering the test split"),
                                self.group.all_gather_rows(labels, "gathering the test split"))
-        results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
+        results = self.group.evaluate_runs(*synset.decoded(), *self._eval_test, cfg.eval_models,
                                            cfg.eval_protocol(), num_classes=self.num_classes_total, progress=False)
         return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}

@@ -106,6 +106,7 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
              max_parallel: int | None = None, **fields) -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
+    A multi-formation set (factor > 1) trains on its decoded images (``synset.decoded()``).
     The protocol is `protocol` (default EvalProtocol()) with `fields` (runs=, epochs=, lr=, seed=,
     ...) replacing its values. Returns ``{model: {"mean", "std", "accs", "diverged", "seconds"}}``
     with accuracies as fractions and ``std`` the population standard deviation (``np.std``), as the
@@ -121,7 +122,8 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     if test is None:
         test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
     dev = resolve_device(device)
-    images, labels = synset.images.detach().to(dev, torch.float32), synset.labels.to(dev, torch.long)
+    images, labels = synset.decoded()
+    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
     test_images, test_labels = test[0].detach().to(dev, torch.float32), test[1].to(dev, torch.long)
     results = {}
     for name in models:
@@ -240,7 +242,7 @@ def evaluation_record(synset: SyntheticSet, results: dict, protocol: EvalProtoco
         "set": {"path": None if path is None else str(path), "dataset": synset.dataset, "method": synset.method,
                 "ipc": None if is_full else synset.ipc, "num_classes": synset.num_classes,
                 "iterations": None if iterations is None else int(iterations),
-                "seed": synset.config.get("seed")},
+                "seed": synset.config.get("seed"), "factor": synset.factor},
         "protocol": EvalProtocol.of(protocol).to_dict(),
         "results": {m: _record_result(r) for m, r in results.items()},
         "hardware": hardware(resolve_device(device or "auto")),

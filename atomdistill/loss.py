@@ -7,6 +7,10 @@ Each term turns a network's outputs into one vector per image; the loss compares
 means of those vectors between real and synthetic images. Real class means can therefore be
 accumulated chunk by chunk without an autograd graph (`ClassMeans`), which keeps memory
 bounded by the chunk, not by the real batch.
+
+`mmd_kernel="gaussian"` replaces the final-layer term's linear kernel by M3D's (Zhang et al.,
+AAAI 2024) Gaussian-kernel MMD per class, which compares whole feature distributions, not only
+their means: it needs the per-image vectors of that term, which `ClassMeans` then keeps.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class LossWeights:
     scale: float = 100.0
     # 1-based indices of the intermediate blocks whose attention enters; None = all (1..L-1).
     layers: tuple[int, ...] | None = None
+    mmd_kernel: str = "linear"   # final-layer term: "linear" (distance of class means) or "gaussian" (M3D)
 
     def __post_init__(self):
         for name in ("spatial", "channel", "mmd", "scale"):
@@ -39,6 +44,13 @@ class LossWeights:
             raise ConfigError(f"attention power p must be > 0, got {self.power}")
         if self.spatial == self.channel == self.mmd == 0:
             raise ConfigError("all loss weights are zero: set at least one of spatial, channel, mmd")
+        if self.mmd_kernel not in MMD_KERNELS:
+            raise ConfigError(f"unknown mmd kernel {self.mmd_kernel!r}; choose one of {', '.join(MMD_KERNELS)}")
+
+
+MMD_KERNELS = ("linear", "gaussian")
+# M3D's RBF: 5 kernels whose bandwidths are the data's mean squared pairwise distance times 2^-2 .. 2^2.
+GAUSSIAN_BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 PRESETS: dict[str, LossWeights] = {
@@ -110,24 +122,71 @@ class MatchingLoss:
             out["mmd"] = embedding.flatten(1)
         return out
 
+    @property
+    def sample_terms(self) -> tuple[str, ...]:
+        """Terms compared through their per-image vectors (not only class means): keep them in ClassMeans."""
+        return ("mmd",) if self.weights.mmd_kernel == "gaussian" and "mmd" in self.term_weights else ()
+
     def __call__(self, real_means: dict[str, torch.Tensor], syn_means: dict[str, torch.Tensor]):
         """Sum over classes and terms of weighted squared distances between class means [K, D].
 
         Returns (loss, per-term unweighted sums as detached tensors)."""
+        if self.sample_terms:
+            raise ConfigError("the gaussian mmd kernel needs the per-image vectors: call compare(real, syn) "
+                              "with ClassMeans that keep them")
         terms = {name: (real_means[name] - syn_means[name]).pow(2).sum() for name in self.term_weights}
+        return self._weighted(terms)
+
+    def compare(self, real: "ClassMeans", syn: "ClassMeans"):
+        """The loss from accumulated statistics: class means, and per-class samples for sample terms."""
+        if not self.sample_terms:
+            return self(real.means(), syn.means())
+        real_means, syn_means = real.means(), syn.means()
+        terms = {}
+        for name in self.term_weights:
+            if name in self.sample_terms:
+                terms[name] = sum(gaussian_mmd(x, y) for x, y in zip(real.by_class(name), syn.by_class(name)))
+            else:
+                terms[name] = (real_means[name] - syn_means[name]).pow(2).sum()
+        return self._weighted(terms)
+
+    def _weighted(self, terms: dict[str, torch.Tensor]):
         loss = self.weights.scale * sum(self.term_weights[n] * t for n, t in terms.items())
         return loss, {n: t.detach() for n, t in terms.items()}
 
 
-class ClassMeans:
-    """Running per-class sums of summary vectors; add chunks, then read the means."""
+def gaussian_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Biased MMD^2 between samples x [n, D] and y [m, D] under M3D's sum of Gaussian kernels.
 
-    def __init__(self, num_classes: int):
+    k(a, b) = sum_j exp(-||a - b||^2 / (beta * m_j)), m_j in GAUSSIAN_BANDWIDTH_MULTIPLIERS, with
+    beta the mean squared distance between distinct points of x and y pooled (no gradient flows
+    through it, as in M3D's code); MMD^2 = mean k(x, x') - 2 mean k(x, y) + mean k(y, y')."""
+    z = torch.cat([x, y]).flatten(1)
+    sq = z.square().sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)
+    n = len(z)
+    beta = d2.detach().sum() / max(n * n - n, 1)
+    beta = beta.clamp_min(torch.finfo(d2.dtype).tiny)   # all points equal: every kernel is 1, MMD 0
+    mult = torch.tensor(GAUSSIAN_BANDWIDTH_MULTIPLIERS, dtype=d2.dtype, device=d2.device)
+    k = torch.exp(-d2[None] / (beta * mult)[:, None, None]).sum(0)
+    nx = len(x)
+    return k[:nx, :nx].mean() - 2 * k[:nx, nx:].mean() + k[nx:, nx:].mean()
+
+
+class ClassMeans:
+    """Running per-class sums of summary vectors; add chunks, then read the means.
+
+    `keep`: terms whose per-image vectors are kept as well (`by_class`), for kernel MMDs."""
+
+    def __init__(self, num_classes: int, keep: tuple[str, ...] = ()):
         self.num_classes = num_classes
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: torch.Tensor | None = None
+        self.kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in keep}
 
     def add(self, vectors: dict[str, torch.Tensor], labels: torch.Tensor) -> "ClassMeans":
+        for name in self.kept:
+            self.kept[name].append((vectors[name], labels))
         for name, v in vectors.items():
             if name not in self.sums:
                 self.sums[name] = v.new_zeros(self.num_classes, v.shape[1])
@@ -142,3 +201,9 @@ class ClassMeans:
         if self.counts is None or (self.counts == 0).any():
             raise ValueError("every class needs at least one image before its mean is read")
         return {n: s / self.counts.to(s.dtype).unsqueeze(1) for n, s in self.sums.items()}
+
+    def by_class(self, name: str) -> list[torch.Tensor]:
+        """The kept vectors of term `name`, one [n_k, D] tensor per class."""
+        v = torch.cat([x for x, _ in self.kept[name]])
+        labels = torch.cat([y for _, y in self.kept[name]])
+        return [v[labels == k] for k in range(self.num_classes)]

@@ -263,8 +263,8 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
             raise ConfigError(f"{what} must be an integer >= 1; got {v!r}")
     # Files are read and written on rank 0 alone (group.on_main); every rank gets the result or the error.
     group = group if group is not None else LocalGroup(device)
-    images, labels, test_images, proxy_id, label = _proxy(proxy, kind, data, ipc, seed, epochs)
-    storage = {"images": int(len(images)), "bytes": int(images.numel() * 4),
+    images, labels, test_images, stored, proxy_id, label = _proxy(proxy, kind, data, ipc, seed, epochs)
+    storage = {"images": int(len(stored)), "bytes": int(stored.numel() * 4),
                "note": "float32 images in the model-input space, as stored"}
     grid_used, space_name, cands, skipped = _space(space, grid, data)
 
@@ -298,13 +298,13 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
 
 
 def _proxy(proxy, kind: str, data: ImageDataset, ipc: int | None, seed: int, epochs: int):
-    """The proxy's images and labels, its test images (in its own space: ZCA if it has one), what
-    identifies it and its label."""
+    """The proxy's training images and labels, its test images (in its own space: ZCA if it has one),
+    the images it stores, what identifies it and its label."""
     if kind == "full":
         if ipc is not None:
             raise ConfigError("--ipc applies to the 'random' proxy only; the 'full' proxy is the whole training set")
-        return (data.train_images, data.train_labels, data.test_images, {"kind": "full", "method": "full", "ipc": None},
-                f"full-e{epochs}")
+        return (data.train_images, data.train_labels, data.test_images, data.train_images,
+                {"kind": "full", "method": "full", "ipc": None}, f"full-e{epochs}")
     if kind == "random":
         if ipc is None:
             raise ConfigError("the 'random' proxy needs --ipc (images per class; use the distilled set's)")
@@ -315,10 +315,12 @@ def _proxy(proxy, kind: str, data: ImageDataset, ipc: int | None, seed: int, epo
             raise ConfigError("--ipc applies to the 'random' proxy only; a synthetic set has its own size")
         synset = proxy if isinstance(proxy, SyntheticSet) else SyntheticSet.load(proxy)
         check_compatible(synset, data)
+    # A multi-formation set trains on its decoded images; its storage is what it stores.
+    images, labels = synset.decoded()
     # Identified by its content, not its path: the same set moved or named otherwise resumes.
     proxy_id = {"kind": kind, "method": synset.method or "set", "ipc": synset.ipc,
-                "hash": hash_tensors(synset.images, synset.labels)}
-    return (synset.images, synset.labels, synset.prepare_real(data.test_images), proxy_id,
+                "hash": hash_tensors(images, labels)}
+    return (images, labels, synset.prepare_real(data.test_images), synset.images, proxy_id,
             f"{proxy_id['method']}-ipc{synset.ipc}")
 
 

@@ -82,6 +82,8 @@ def _collect(records: list[dict]):
     sources: dict[tuple, list[str]] = {}
     for rec in records:
         ds, method = str(rec["set"]["dataset"]), str(rec["set"]["method"])
+        if int(rec["set"].get("factor") or 1) > 1:   # a multi-formation set: its own row, at its stored IPC
+            method += f" (factor {rec['set']['factor']})"
         ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
         for model, result in rec["results"].items():
             table.setdefault(ds, {})[(method, ipc, model)] = result

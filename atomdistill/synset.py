@@ -18,6 +18,7 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save_file
 
 from .errors import AtomDistillError
+from .formation import check_factor, decode, decode_labels
 from .io import atomic_path, content_checksum
 from .zca import ZCA
 
@@ -26,7 +27,11 @@ FORMAT_VERSION = 1
 
 @dataclass
 class SyntheticSet:
-    """images live in the model-input space: normalised with mean/std, then ZCA-whitened if zca."""
+    """images live in the model-input space: normalised with mean/std, then ZCA-whitened if zca.
+
+    With factor f > 1 every stored image holds f x f tiles (multi-formation, atomdistill.formation):
+    training uses the decoded images (`decoded()`, `to_dataset()`), f^2 per stored image, while
+    `images`, `len()` and `ipc` count what is stored."""
 
     images: torch.Tensor            # float32 [N, C, H, W]
     labels: torch.Tensor            # int64 [N]
@@ -38,6 +43,7 @@ class SyntheticSet:
     method: str = ""
     config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)   # e.g. iterations done, final loss, selection embedding
+    factor: int = 1                             # multi-formation tiles per side (1: images used as stored)
 
     # ---- shape ----------------------------------------------------------------------------
     @property
@@ -62,12 +68,20 @@ class SyntheticSet:
 
     def __repr__(self) -> str:
         return (f"SyntheticSet(dataset={self.dataset!r}, method={self.method!r}, classes={self.num_classes}, "
-                f"ipc={self.ipc}, images={tuple(self.images.shape)}, zca={self.zca is not None})")
+                f"ipc={self.ipc}, images={tuple(self.images.shape)}, zca={self.zca is not None}"
+                + (f", factor={self.factor}: {len(self) * self.factor ** 2} training images" if self.factor > 1 else "")
+                + ")")
 
     # ---- use ------------------------------------------------------------------------------
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) to train on: the stored ones, or their f^2 decoded tiles each (factor f)."""
+        if self.factor == 1:
+            return self.images, self.labels
+        return decode(self.images.detach(), self.factor), decode_labels(self.labels, self.factor)
+
     def to_dataset(self) -> torch.utils.data.TensorDataset:
-        """A torch Dataset of (image, label) in the model-input space."""
-        return torch.utils.data.TensorDataset(self.images, self.labels)
+        """A torch Dataset of (image, label) in the model-input space (the decoded images)."""
+        return torch.utils.data.TensorDataset(*self.decoded())
 
     def prepare_real(self, normalised: torch.Tensor) -> torch.Tensor:
         """Map real images, normalised with this set's mean/std, into the set's space (ZCA)."""
@@ -83,16 +97,18 @@ class SyntheticSet:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0, 1)
 
-    def save_grid(self, path: str | os.PathLike, upscale: int | None = None) -> Path:
-        """A PNG grid, one row per class (at most 10 images of each shown)."""
+    def save_grid(self, path: str | os.PathLike, upscale: int | None = None, decoded: bool = False) -> Path:
+        """A PNG grid, one row per class (at most 10 images of each shown): the stored images, or
+        with `decoded` the images training sees (the same for factor 1)."""
         from PIL import Image
         from torchvision.utils import make_grid
 
-        pixels = self.to_pixels()
-        per_row = min(self.ipc, 10)
+        images, labels = self.decoded() if decoded else (self.images, self.labels)
+        pixels = self.to_pixels(images)
+        per_row = min(int(torch.bincount(labels, minlength=self.num_classes).max()), 10)
         rows = []
         for c in range(self.num_classes):
-            idx = (self.labels == c).nonzero().flatten()[:per_row]
+            idx = (labels == c).nonzero().flatten()[:per_row]
             row = pixels[idx]
             if len(row) < per_row:    # keep the grid rectangular for uneven classes
                 row = torch.cat([row, row.new_ones(per_row - len(row), *row.shape[1:])])
@@ -108,14 +124,15 @@ class SyntheticSet:
             img.save(tmp, format="PNG")
         return Path(path)
 
-    def export_folder(self, directory: str | os.PathLike) -> Path:
-        """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours."""
+    def export_folder(self, directory: str | os.PathLike, decoded: bool = False) -> Path:
+        """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours (stored, or `decoded`)."""
         from PIL import Image
 
         directory = Path(directory)
-        pixels = (self.to_pixels().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        images, labels = self.decoded() if decoded else (self.images, self.labels)
+        pixels = (self.to_pixels(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         seen = [0] * self.num_classes
-        for img, label in zip(pixels, self.labels.tolist()):
+        for img, label in zip(pixels, labels.tolist()):
             name = _safe_name(self.class_names[label])
             out = directory / name / f"{seen[label]:04d}.png"
             seen[label] += 1
@@ -134,7 +151,8 @@ class SyntheticSet:
             tensors.update({f"zca.{k}": v.cpu().contiguous() for k, v in self.zca.state_dict().items()})
         meta = {"format": "atomdistill.SyntheticSet", "version": FORMAT_VERSION,
                 "class_names": self.class_names, "mean": list(self.mean), "std": list(self.std),
-                "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info}
+                "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info,
+                "factor": self.factor}
         meta = json.loads(json.dumps(meta))   # the form load() will see (tuples become lists)
         meta["checksum"] = content_checksum(tensors, meta)
         with atomic_path(path) as tmp:
@@ -158,7 +176,8 @@ class SyntheticSet:
                    class_names=meta["class_names"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                    zca=ZCA.from_state_dict(zca_state) if zca_state else None,
                    dataset=meta.get("dataset", ""), method=meta.get("method", ""), config=meta.get("config", {}),
-                   info=meta.get("info", {}))
+                   info=meta.get("info", {}),
+                   factor=_stored_factor(meta, path, tensors["images"].shape[-1]))
 
 
 def read_safetensors(path: Path, what: str, fix: str) -> tuple:
@@ -227,6 +246,14 @@ def check_set_content(meta: dict, tensors: dict, path) -> None:
                 f"{dim}-value images")
         if not all(torch.isfinite(t).all() for t in zca.values()):
             bad("its ZCA holds NaN or infinite values")
+
+
+def _stored_factor(meta: dict, path: Path, image_size: int) -> int:
+    """The multi-formation factor a file records (1 for files written before it existed)."""
+    try:
+        return check_factor(meta.get("factor", 1), image_size)
+    except AtomDistillError as e:
+        raise AtomDistillError(f"{path} records an invalid multi-formation factor ({e}); re-create the set") from None
 
 
 def _safe_name(name: str) -> str:

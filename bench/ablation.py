@@ -41,6 +41,10 @@ VARIANTS = {   # name: the one option that differs from BASE
     "lambda=0.1": ["--mmd", "0.1"],
     "layers=1": ["--layers", "1"],
     "layers=2": ["--layers", "2"],
+    # Beyond ATOM (issue 16): each ingredient alone on the same base point.
+    "factor=2": ["--factor", "2"],
+    "nets=pool": ["--nets", "pool"],
+    "mmd-kernel=gaussian": ["--mmd-kernel", "gaussian"],
 }
 
 

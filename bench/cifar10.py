@@ -3,6 +3,8 @@
     atomdistill data cifar10 --data-root data --download    # once: CIFAR-10 into data/ (any official-layout copy works)
     python bench/cifar10.py --budget cpu --data-root data    # P1 of docs/benchmarks.md, about 75 min on 2 cores
     python bench/cifar10.py --budget paper --data-root data  # the published protocol, for a GPU
+    python bench/cifar10.py --data-root data --methods atom --baselines --ipc 1 --options "--factor 2"
+                                                             # P1 with extra distill options (issue 16's)
 
 Budgets:
   cpu    Protocol P1 of docs/benchmarks.md, so our rows sit beside the official
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -109,7 +112,7 @@ def main():
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default=None, help="default results/cifar10-BUDGET")
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--baselines", nargs="+", default=BASELINES)
+    p.add_argument("--baselines", nargs="*", default=BASELINES)
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="distillation (and evaluation) seeds; seed 0's steps have no suffix, seed s>0 "
@@ -118,11 +121,16 @@ def main():
     p.add_argument("--net", default="convnet",
                    help="distillation network, also the evaluation model in place of convnet (e.g. convnet-bn, "
                         "the batch-norm ConvNet of the official DataDAM rows); default results/cifar10-BUDGET-NET")
+    p.add_argument("--options", default="",
+                   help="extra `atomdistill distill` options for every method, e.g. '--factor 2 --nets pool' "
+                        "(default folder results/cifar10-BUDGET[-NET]-OPTIONS)")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
     b = BUDGETS[args.budget]
     ipcs = args.ipc or b["ipcs"]
-    out = Path(args.out or f"results/cifar10-{args.budget}" + ("" if args.net == "convnet" else f"-{args.net}"))
+    extra = shlex.split(args.options)
+    out = Path(args.out or f"results/cifar10-{args.budget}" + ("" if args.net == "convnet" else f"-{args.net}")
+               + "".join("-" + "".join(c if c.isalnum() or c in ".=" else "_" for c in t.lstrip("-")) for t in extra))
     out.mkdir(parents=True, exist_ok=True)
     steps_file = out / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
@@ -156,7 +164,7 @@ def main():
                         str(b["iterations"][ipc]), "--batch-real", str(b["batch_real"]),
                         "--zca" if b["zca"] else "--no-zca", "--seed", str(seed), "--log-every", "1",
                         "--checkpoint-every", "50", "--net", args.net, "--device", args.device,
-                        "--out", str(out / name), "--overwrite"])
+                        "--out", str(out / name), "--overwrite", *extra])
             step(f"eval-{name}", ["evaluate", str(out / name), *data, *evaluate, "--seed", str(seed), "--out",
                                   str(out / name / "eval.json")])
     for ipc, seed in todo:
@@ -199,7 +207,8 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
              f"Distillation and evaluation network: {args.net}. Evaluation: {b['runs']} runs x {b['epochs']} "
-             "epochs, mean ± std over the runs, accuracy %. Distillation seed 0.", "",
+             "epochs, mean ± std over the runs, accuracy %. Distillation seed 0."
+             + (f" Extra distill options: `{args.options}`." if args.options else ""), "",
              "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
              "|---|---|---|---|---|---|---|---|"]
     curves = {}

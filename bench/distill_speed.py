@@ -4,6 +4,10 @@
     python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 10 --iterations 15
     python bench/distill_speed.py --dataset digits                # the embedded set, no download
     python bench/distill_speed.py --data-root DIR --batch-real 64 --baseline main   # today's code beside main's
+    python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 --methods atom --nets pool --pool-steps 2
+
+Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to every row; with --nets
+pool an iteration includes the pool network's training steps, as in a run.
 
 Each (method, IPC) runs in its own process so that its peak memory is its own: peak RSS of
 that process on the CPU, peak allocated memory on a GPU. s/iter is the median over the
@@ -16,6 +20,7 @@ by side: per (method, IPC), `--rounds` rounds of one process of today's code the
 (A, B, A, B, ...), so that load on a shared machine hits both alike; s/iter is the median over
 all their timed iterations, peak memory the largest of their processes, and new/base the ratio
 of the s/iter medians. `--precision bf16` times today's code under bf16 autocast.
+Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to today's code's rows.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from atomdistill.evaluate import cpu_name  # noqa: E402
 
 
+LOOP_OPTIONS = ("factor", "nets", "pool_size", "pool_steps", "pool_refresh", "mmd_kernel")
+
+
 def measure(args) -> dict:
     """One configuration, in this process."""
     import torch
@@ -48,7 +56,7 @@ def measure(args) -> dict:
         extra = {}
     else:
         distill = importlib.import_module("atomdistill.distill")
-        extra = {"precision": args.precision}
+        extra = {"precision": args.precision, **{k: getattr(args, k) for k in LOOP_OPTIONS}}
 
     data = load_dataset(args.dataset, args.data_root)
     cfg = distill.DistillConfig(dataset=args.dataset, ipc=args.one_ipc, method=args.one_method,
@@ -60,16 +68,19 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     syn = d.train_images[torch.cat([i[:cfg.ipc] for i in d.cpu_class_indices])].clone().requires_grad_(True)
     opt = torch.optim.SGD([syn], lr=d.config.lr, momentum=0.5)
-    times = []
+    times, cpu_times = [], []
     for it in range(args.iterations):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss, _ = d.step_loss(syn, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if d.pool is not None:
+            d.pool.train(it)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         mem = f"{peak:.2f} GB GPU"
@@ -77,7 +88,7 @@ def measure(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kB -> GB
         mem = f"{peak:.2f} GB RSS"
     return {"method": args.one_method, "ipc": args.one_ipc, "s_per_iter": statistics.median(times[args.warmup:]),
-            "times": times[args.warmup:], "peak_gb": peak, "memory": mem, "device": str(device)}
+            "times": times[args.warmup:], "cpu_s_per_iter": statistics.median(cpu_times[args.warmup:]), "peak_gb": peak, "memory": mem, "device": str(device)}
 
 
 def main():
@@ -97,6 +108,12 @@ def main():
     p.add_argument("--baseline", default=None, help="git revision to time beside today's code (A, B, A, B ...)")
     p.add_argument("--rounds", type=int, default=2, help="with --baseline: processes per code, alternating")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--factor", type=int, default=1)
+    p.add_argument("--nets", choices=("random", "pool"), default="random")
+    p.add_argument("--pool-size", type=int, default=100)
+    p.add_argument("--pool-steps", type=int, default=10)
+    p.add_argument("--pool-refresh", type=int, default=30)
+    p.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None)
     p.add_argument("--one-method", help=argparse.SUPPRESS)
     p.add_argument("--one-ipc", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one-code", default="new", help=argparse.SUPPRESS)
@@ -115,6 +132,7 @@ def main():
     print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, net {args.net or 'convnet'}, "
           f"median of iterations {args.warmup}..{args.iterations - 1}"
           + (f" of {args.rounds} processes per code, alternating" if args.baseline else "")
+          + "; " + ", ".join(f"{k} {getattr(args, k)}" for k in LOOP_OPTIONS)
           + f"; load average at start {os.getloadavg()[0]:.2f}\n")
     print("| method | IPC | code | s/iter | peak memory |" + (" new/base |" if args.baseline else "")
           + "\n|---|---|---|---|---|" + ("---|" if args.baseline else ""))

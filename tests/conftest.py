@@ -21,6 +21,24 @@ def make_dataset(num_classes: int = 3, per_class: int = 12, size: int = 8, chann
                         std=(1.0,) * channels)
 
 
+def interrupt_run(monkeypatch, at: int, **distill_options):
+    """Start distill(make_dataset(), ...) and stop it with a KeyboardInterrupt (a user's Ctrl-C) when it
+    reaches iteration `at`: its folder keeps the last checkpoint before that."""
+    from atomdistill import distill
+    from atomdistill.distill import Distiller
+    original = Distiller.step_loss
+
+    def crash(self, syn, iteration):
+        if iteration == at:
+            raise KeyboardInterrupt
+        return original(self, syn, iteration)
+
+    monkeypatch.setattr(Distiller, "step_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_dataset(), **distill_options)
+    monkeypatch.setattr(Distiller, "step_loss", original)
+
+
 @pytest.fixture
 def toy():
     return make_dataset()

@@ -7,7 +7,7 @@ from atomdistill import DistillConfig, SyntheticSet, distill, resume
 from atomdistill.distill import Distiller
 from atomdistill.errors import AtomDistillError, ConfigError
 from atomdistill.zca import ZCA
-from conftest import make_dataset
+from conftest import interrupt_run, make_dataset
 
 FAST = dict(iterations=6, batch_real=5, log_every=1, checkpoint_every=3, progress=False, device="cpu")
 
@@ -51,17 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     full = distill(data, ipc=2, out=tmp_path / "full", **FAST)
 
     # Interrupt a second run at iteration 5 (its last checkpoint is at 3) ...
-    original = Distiller.step_loss
-
-    def crash_at_5(self, syn, iteration):
-        if iteration == 4:
-            raise KeyboardInterrupt
-        return original(self, syn, iteration)
-
-    monkeypatch.setattr(Distiller, "step_loss", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        distill(make_dataset(), ipc=2, out=tmp_path / "run", **FAST)
-    monkeypatch.setattr(Distiller, "step_loss", original)
+    interrupt_run(monkeypatch, 4, ipc=2, out=tmp_path / "run", **FAST)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 3
 
     # ... and resume it from its folder (the dataset is loaded again by name, so hand it in).
@@ -125,9 +115,11 @@ def test_nan_loss_stops_with_a_clear_error(toy, monkeypatch):
         distill(toy, ipc=1, **FAST)
 
 
-def test_class_shards_draw_what_a_single_process_draws():
-    """Each class's synthetic images depend only on that class: two shards equal one run (issue 9's basis)."""
-    whole = distill(make_dataset(), ipc=2, **FAST)
+@pytest.mark.parametrize("options", [{}, {"factor": 2, "mmd_kernel": "gaussian"}])
+def test_class_shards_draw_what_a_single_process_draws(options):
+    """Each class's synthetic images depend only on that class: two shards equal one run (issue 9's basis).
+    Multi-formation and the Gaussian kernel keep it so (decoding is per image, the kernel MMD per class)."""
+    whole = distill(make_dataset(), ipc=2, **options, **FAST)
     full_data = make_dataset()
     parts = []
     for classes in ([0, 2], [1]):
@@ -138,7 +130,7 @@ def test_class_shards_draw_what_a_single_process_draws():
         shard.train_labels = torch.tensor([remap[int(y)] for y in full_data.train_labels[keep]])
         shard.class_names = [full_data.class_names[c] for c in classes]
         shard._class_indices = None
-        cfg = DistillConfig(dataset="toy", ipc=2, iterations=6, batch_real=5, device="cpu")
+        cfg = DistillConfig(dataset="toy", ipc=2, iterations=6, batch_real=5, device="cpu", **options)
         parts.append((classes, Distiller(cfg, data=shard, classes=classes, num_classes_total=3, progress=False).run()))
     for classes, part in parts:
         for local, gid in enumerate(classes):
