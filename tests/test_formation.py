@@ -1,4 +1,5 @@
 """Multi-formation (--factor): decoding, real-image initialisation, sets that decode wherever they are loaded."""
+import importlib
 import numpy as np
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_distill_with_factor_2_matches_decoded_images_and_records_the_factor(tmp
 
 
 def test_a_saved_factor_2_set_evaluates_as_in_memory(tmp_path, monkeypatch):
-    import atomdistill.evaluate as ev
+    ev = importlib.import_module("atomdistill.evaluate")   # the module (atomdistill.evaluate is the function)
     data = make_dataset(per_class=10)
     synset = distill(data, ipc=1, factor=2, **FAST)
     synset.save(tmp_path / "s.safetensors")
