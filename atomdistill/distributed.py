@@ -228,11 +228,11 @@ class ProcessGroup:
     def evaluate(self, synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] | str = ("convnet",),
                  runs: int = 3, epochs: int = 300, *, progress: bool = True, test=None, **protocol) -> dict:
         """Like atomdistill.evaluate, with the (model, run) trainings spread over the ranks; same results."""
-        from .evaluate import check_compatible
+        from .evaluate import check_compatible, training_targets
         self.agree(check_compatible, synset, dataset)
         if test is None:
             test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
-        return self.evaluate_runs(synset.images, synset.labels, test[0], test[1], models, runs, epochs,
+        return self.evaluate_runs(synset.images, training_targets(synset), test[0], test[1], models, runs, epochs,
                                   num_classes=synset.num_classes, progress=progress, **protocol)
 
     def evaluate_runs(self, images, labels, test_images, test_labels, models: Sequence[str] | str, runs: int,

@@ -84,7 +84,7 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     if test is None:
         test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
     dev = resolve_device(device)
-    images, labels = synset.images.detach().to(dev, torch.float32), synset.labels.to(dev, torch.long)
+    images, labels = synset.images.detach().to(dev, torch.float32), training_targets(synset).to(dev)
     test_images, test_labels = test[0].detach().to(dev, torch.float32), test[1].to(dev, torch.long)
     results = {}
     for name in models:
@@ -96,6 +96,15 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
         results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
                          "seconds": time.perf_counter() - t0}
     return results
+
+
+def training_targets(synset: SyntheticSet) -> torch.Tensor:
+    """What the networks are trained towards: the set's soft labels (probabilities [N, K]) if it
+    has them, else its hard labels [N]."""
+    if synset.soft_labels is None:
+        return synset.labels.long()
+    from .interop import check_soft_labels
+    return check_soft_labels(synset.soft_labels, len(synset.labels), synset.num_classes, "the set's soft labels")
 
 
 def check_compatible(synset: SyntheticSet, dataset: ImageDataset) -> None:
@@ -143,10 +152,12 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     aug = dsa if isinstance(dsa, DSA) else (DSA(dsa) if dsa else None)
     if aug is not None and not aug.families:
         aug = None
+    soft = labels.is_floating_point()   # soft labels: class probabilities [N, K]
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
-                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1])
+                 int(num_classes) if num_classes is not None else
+                 (labels.shape[1] if soft else int(labels.max()) + 1), images.shape[-1])
     opt = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
+    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.float32 if soft else torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
     group = len(run_ids) if batched else 1
     if max_parallel is not None:
@@ -258,9 +269,13 @@ def _cat_params(params: list[DSAParams]) -> DSAParams:
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over networks of each network's mean cross-entropy (logits [R, B, K], labels [R, B])."""
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    return ce.view(labels.shape).mean(1).sum()
+    """Sum over networks of each network's mean cross-entropy (logits [R, B, K], labels [R, B]).
+
+    Soft labels (probabilities [R, B, K]) get the soft cross-entropy -sum_k p_k log softmax(z)_k,
+    which is KL(p || softmax(z)) plus the labels' constant entropy: the same gradient as KL at T=1."""
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1) if labels.is_floating_point()
+                         else labels.flatten(), reduction="none")
+    return ce.view(labels.shape[:2]).mean(1).sum()
 
 
 def _sgd(params, lr: float, opt: dict) -> torch.optim.SGD:

@@ -36,6 +36,7 @@ class SyntheticSet:
     method: str = ""
     config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)   # e.g. iterations done, final loss, selection embedding
+    soft_labels: torch.Tensor | None = None    # float32 [N, K] class probabilities (imported sets), trained on
 
     # ---- shape ----------------------------------------------------------------------------
     @property
@@ -128,6 +129,8 @@ class SyntheticSet:
                    "labels": self.labels.detach().long().cpu().contiguous()}
         if self.zca is not None:
             tensors.update({f"zca.{k}": v.cpu().contiguous() for k, v in self.zca.state_dict().items()})
+        if self.soft_labels is not None:
+            tensors["soft_labels"] = self.soft_labels.detach().float().cpu().contiguous()
         meta = {"format": "atomdistill.SyntheticSet", "version": FORMAT_VERSION,
                 "class_names": self.class_names, "mean": list(self.mean), "std": list(self.std),
                 "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info}
@@ -156,7 +159,8 @@ class SyntheticSet:
         return cls(images=tensors["images"], labels=tensors["labels"], class_names=meta["class_names"],
                    mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                    zca=ZCA.from_state_dict(zca_state) if zca_state else None,
-                   dataset=meta["dataset"], method=meta["method"], config=meta["config"], info=meta["info"])
+                   dataset=meta["dataset"], method=meta["method"], config=meta["config"], info=meta["info"],
+                   soft_labels=tensors.get("soft_labels"))
 
 
 def _safe_name(name: str) -> str:
