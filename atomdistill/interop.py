@@ -17,7 +17,7 @@ Reading never executes code from a file: tensors, lists, dicts and numbers only
 (``torch.load(weights_only=True)`` or safetensors); a file that needs other objects unpickled is
 refused. Whether stored images are ZCA-whitened is not written in these files, so the user states it
 (``zca=``) and the images' scale is checked against the dataset's: normalised real images have an
-rms near the dataset's own, and the dataset's inverse ZCA blows them up (x25 on CIFAR-10), while
+rms near the dataset's own, and the dataset's inverse ZCA blows them up (x23 on CIFAR-10), while
 whitened images come back to that rms under the inverse.
 
 Soft labels are stored as class probabilities; a source that stored logits (rows that are not
