@@ -4,6 +4,9 @@
     data = ad.load_dataset("digits")
     synset = ad.distill(data, ipc=10, method="atom", iterations=200)
     results = ad.evaluate(synset, data, models=["convnet"], runs=3, epochs=300)
+
+The functions ``distill`` and ``evaluate`` share their names with the modules that define them:
+``atomdistill.evaluate`` is the function; ``from atomdistill.evaluate import ...`` reaches the module.
 """
 __version__ = "0.1.0"
 
@@ -14,23 +17,15 @@ from .augment import DSA
 from .zca import ZCA
 from .loss import PRESETS, LossWeights, MatchingLoss, loss_weights
 from .synset import SyntheticSet
+from .evaluate import EvalProtocol, evaluate, evaluation_record, full_training_set
 from .distill import DistillConfig, distill, resume
+from .baselines import select_coreset
 
 __all__ = [
     "AtomDistillError", "ConfigError", "DatasetError",
     "ImageDataset", "load_dataset", "list_datasets",
     "build_model", "list_models", "DSA", "ZCA",
     "LossWeights", "MatchingLoss", "PRESETS", "loss_weights",
-    "SyntheticSet", "DistillConfig", "distill", "resume",
+    "SyntheticSet", "EvalProtocol", "evaluate", "evaluation_record", "full_training_set",
+    "DistillConfig", "distill", "resume", "select_coreset",
 ]
-
-
-def __getattr__(name):
-    # Evaluation, baselines and reports import lazily: `import atomdistill` stays fast.
-    if name in ("evaluate", "evaluation_record", "full_training_set"):
-        from . import evaluate as _evaluate_module
-        return getattr(_evaluate_module, name) if name != "evaluate" else _evaluate_module.evaluate
-    if name == "select_coreset":
-        from .baselines import select_coreset
-        return select_coreset
-    raise AttributeError(f"module 'atomdistill' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""DSA: differentiable Siamese augmentation (METHOD.md section 5), vectorised over the batch.
+"""DSA: differentiable Siamese augmentation (docs/method.md, "DSA"), vectorised over the batch.
 
 Follows DiffAugment/ParamDiffAug of VICO-UoE/DatasetCondensation (and MTT's copy, which passes
 ``align_corners=True`` to affine_grid/grid_sample; we do the same) in its single-family mode 'S':
@@ -143,6 +143,11 @@ class DSA:
                 raise ConfigError(f"draw_index has {draw_index.numel()} entries for {b} images; give one per image.")
             p = params.to(x.device).index(draw_index.to(x.device))
 
+        # One family for the whole batch (every real chunk of a distillation iteration, every training
+        # batch of the evaluation): transform the batch as it is, without the gather and scatter.
+        only = self._single_family(p)
+        if only is not None:
+            return _FNS[only](x, p)
         # Per family: gather its images, transform them, then put every image back in place with one
         # gather by the inverse permutation (out-of-place, so autograd sees a plain index op).
         # The loop is over at most 6 families, never over images or draws.
@@ -159,6 +164,14 @@ class DSA:
         if order_t.numel() != b:
             raise ConfigError("some DSA draws have a family outside this strategy; sample them with this DSA.")
         return torch.cat(pieces).index_select(0, torch.argsort(order_t))
+
+
+    def _single_family(self, p: DSAParams) -> str | None:
+        """The family's name if every draw of `p` has the same (valid) family, else None."""
+        first = int(p.family[0])
+        if 0 <= first < len(self.families) and bool((p.family == first).all()):
+            return self.families[first]
+        return None
 
 
 # --------------------------------------------------------------------------------------------- families

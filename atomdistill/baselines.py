@@ -30,19 +30,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import ImageDataset
-from .distill import _INIT, ZCA_BY_DEFAULT, derived_seed, generator, resolve_device
+from .data import ImageDataset, zca_by_default
 from .errors import ConfigError
 from .io import atomic_path, hash_json
 from .models import build_model
+from .rng import Stream, generator, seeded
+from .runtime import resolve_device
 from .synset import SyntheticSet
 from .zca import ZCA
 
 BASELINES = ("random", "herding", "kcenter")
 EMBEDDINGS = ("trained", "random", "pixels")
-
-# Purposes for derived seeds; distinct from distill's (1-4) so no stream is shared by accident.
-_EMBED_INIT, _EMBED_SHUFFLE = 101, 102
 
 EMBED_LR, EMBED_MOMENTUM, EMBED_WD, EMBED_BATCH = 0.01, 0.9, 5e-4, 256
 EMBED_CHUNK = 1024   # images per forward when embedding: bounds memory, not the result
@@ -73,13 +71,13 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
             raise ConfigError(f"--ipc {ipc} is larger than class {dataset.class_names[k]!r}, which has {n} "
                               f"training images; use --ipc {min(counts)} or less")
     dev = resolve_device(device)
-    use_zca = zca if zca is not None else dataset.name in ZCA_BY_DEFAULT
+    use_zca = zca if zca is not None else zca_by_default(dataset.name)
     net_name = _embedding_net_name(dataset.image_size)
 
     if method == "random":
         used_embedding = None   # random selection looks at no embedding
         ids = dataset.classes if dataset.classes is not None else range(dataset.num_classes)
-        picks = [cls_idx.cpu()[torch.randperm(len(cls_idx), generator=generator(seed, _INIT, gid))[:ipc]]
+        picks = [cls_idx.cpu()[torch.randperm(len(cls_idx), generator=generator(seed, Stream.INIT, gid))[:ipc]]
                  for cls_idx, gid in zip(class_indices, ids)]
         indices = torch.stack(picks)                                        # [K, ipc]
     else:
@@ -120,7 +118,8 @@ def cached_embeddings(dataset: ImageDataset, embedding: str, *, seed: int, epoch
     if cache_dir is None or embedding == "pixels":
         return compute_embeddings(dataset, embedding, seed=seed, epochs=epochs, device=device)
     key = {"data": dataset.identity(), "embedding": embedding, "net": _embedding_net_name(dataset.image_size),
-           "seed": seed, "epochs": epochs if embedding == "trained" else 0}
+           "seed": seed, "epochs": epochs if embedding == "trained" else 0,
+           "streams": [int(Stream.EMBED_NET), int(Stream.EMBED_SHUFFLE)]}   # embeddings drawn from other streams differ
     path = Path(cache_dir) / f"{dataset.name.replace(':', '_').replace('/', '_')}-{embedding}-{hash_json(key)}.safetensors"
     if path.exists():
         return load_file(str(path))["embeddings"].to(device)
@@ -138,8 +137,7 @@ def compute_embeddings(dataset: ImageDataset, embedding: str = "trained", *, see
         return dataset.train_images.reshape(len(dataset.train_images), -1).float().to(dev)
     if embedding not in EMBEDDINGS:
         raise ConfigError(f"unknown embedding {embedding!r}; use one of {', '.join(EMBEDDINGS)}")
-    with torch.random.fork_rng(devices=[]):   # seeded init without touching the global stream
-        torch.manual_seed(derived_seed(seed, _EMBED_INIT))
+    with seeded(seed, Stream.EMBED_NET):   # seeded init without touching the global stream
         net = build_model(_embedding_net_name(dataset.image_size), dataset.channels, dataset.num_classes,
                           dataset.image_size)
     net = net.to(dev)
@@ -160,7 +158,7 @@ def _train(net: torch.nn.Module, dataset: ImageDataset, epochs: int, seed: int, 
     n = len(y_all)
     net.train()
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator(seed, _EMBED_SHUFFLE, epoch))
+        order = torch.randperm(n, generator=generator(seed, Stream.EMBED_SHUFFLE, epoch))
         for batch in order.split(EMBED_BATCH):
             b = batch.to(x_all.device)
             x, y = x_all[b].to(device).float(), y_all[b].to(device)

@@ -9,9 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AtomDistillError
+from .data import DATASETS, DEFAULT_DATASET
+from .distill import DistillConfig
+from .errors import AtomDistillError, ConfigError
+from .evaluate import EvalProtocol
 
-DEFAULT_DATASET = "digits"
+DATASET_HELP = ", ".join(f"{name} ({spec.about})" for name, spec in DATASETS.items()) + f"; default {DEFAULT_DATASET}"
 
 
 def _floats(text: str) -> tuple[int, ...]:
@@ -22,19 +25,23 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = False):
-    p.add_argument("--dataset", default=None if dataset_required else DEFAULT_DATASET, required=dataset_required,
-                   help="cifar10, cifar100, tinyimagenet, folder:PATH, or digits (embedded, no download; default)")
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_DATASET):
+    p.add_argument("--dataset", default=default, help=DATASET_HELP)
     p.add_argument("--data-root", default=None, help="folder holding the dataset (default ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing (checks the checksum)")
     p.add_argument("--image-size", type=int, default=None, help="resize images (folder and digits datasets)")
 
 
-def _add_eval_args(p: argparse.ArgumentParser, prefix: str = ""):
-    p.add_argument(f"--{prefix}models", type=_names, default=("convnet",),
-                   help="comma-separated architectures, e.g. convnet,alexnet,vgg11,resnet18")
-    p.add_argument(f"--{prefix}runs", type=int, default=3, help="fresh networks trained per architecture")
-    p.add_argument(f"--{prefix}epochs", type=int, default=300, help="training epochs per network (paper: 1000)")
+def _add_eval_args(p: argparse.ArgumentParser, prefix: str = "", defaults: bool = True):
+    """--models, --runs, --epochs; `defaults=False` leaves them None when not given (distill's
+    --eval-* options: so that DistillConfig's defaults apply and a resume sees what was typed)."""
+    default = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument(f"--{prefix}models", type=_names, default=default(("convnet",)),
+                   help="comma-separated architectures, e.g. convnet,alexnet,vgg11,resnet18 (default convnet)")
+    p.add_argument(f"--{prefix}runs", type=int, default=default(EvalProtocol.runs),
+                   help=f"fresh networks trained per architecture (default {EvalProtocol.runs})")
+    p.add_argument(f"--{prefix}epochs", type=int, default=default(EvalProtocol.epochs),
+                   help=f"training epochs per network (default {EvalProtocol.epochs}; paper: 1000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered architectures")
 
+    # Every distill option defaults to None: DistillConfig holds the defaults, and --resume can tell
+    # what was typed (options that would change the set are refused, the others applied).
     p = sub.add_parser("distill", help="distil a dataset into a synthetic set")
-    _add_data_args(p)
-    p.add_argument("--ipc", type=int, default=10, help="images per class")
-    p.add_argument("--method", default="atom", help="loss preset: atom, datadam, dm, channel")
+    _add_data_args(p, default=None)
+    p.add_argument("--ipc", type=int, default=None, help=f"images per class (default {DistillConfig.ipc})")
+    p.add_argument("--method", default=None, help="loss preset: atom (default), datadam, dm, channel")
     p.add_argument("--iterations", type=int, default=None, help="default 20000 (paper)")
     p.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD-ipcN)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run; may change only how it runs (--iterations, --device, "
+                        "--data-root, --real-chunk, --checkpoint-every, --log-every, --eval-*)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="image learning rate (default 1, 10 above IPC 50)")
@@ -72,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dsa", default=None, help="DSA strategy, or 'none'")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16 autocast (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--log-every", type=int, default=None)
     g = p.add_argument_group("loss weights (override the preset)")
@@ -80,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=_floats, default=None, help="intermediate blocks, e.g. 1,2")
     g = p.add_argument_group("evaluation along the way")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every K iterations (0: never)")
-    _add_eval_args(g, prefix="eval-")
+    _add_eval_args(g, prefix="eval-", defaults=False)
 
     p = sub.add_parser("evaluate", help="train fresh networks on a set, test on real data")
     p.add_argument("set", help="a synthetic set (.safetensors or run folder), or 'full' for the whole training set")
     _add_data_args(p)
     _add_eval_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=EvalProtocol.seed)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the networks (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
     p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                    help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
     p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
@@ -117,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the file (dc), folder or images_best.pt (mtt), or class-folder root (folder)")
     p.add_argument("--format", required=True, help="dc (DC/DSA/DM/DataDAM result .pt), mtt (images_best.pt + "
                                                     "labels_best.pt) or folder (DIR/<class>/*.png)")
-    _add_data_args(p, dataset_required=True)
+    _add_data_args(p, default=None)
     p.add_argument("--zca", dest="zca", action="store_true", default=None,
                    help="the stored images are ZCA-whitened (dc, mtt); whiten the images (folder)")
     p.add_argument("--no-zca", dest="zca", action="store_false")
@@ -176,43 +191,62 @@ def cmd_models(args):
         print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in info.items()))
 
 
+# Options of `distill`, and the DistillConfig field each sets.
+_DISTILL_OPTIONS = ("dataset", "data_root", "image_size", "ipc", "method", "iterations", "lr", "momentum",
+                    "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "precision",
+                    "checkpoint_every",
+                    "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
+                    "eval_models", "eval_runs", "eval_epochs")
+
+
 def cmd_distill(args):
     from .distributed import process_group
-    options = {k: getattr(args, k) for k in (
-        "iterations", "lr", "momentum", "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device",
-        "checkpoint_every", "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
-        "eval_models", "eval_runs", "eval_epochs")}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: getattr(args, k) for k in _DISTILL_OPTIONS if getattr(args, k) is not None}
     # Under torchrun with 2+ processes the classes are sharded over them (docs/distributed.md).
     with process_group(options.get("device", "auto")) as group:
         _distill(args, options, group)
 
 
 def _distill(args, options, group):
-    from .distill import distill, resume
+    from .distill import distill, load_run_config, resume
+    from .distributed import LocalGroup
     if group is not None:
         distill, resume = group.distill, group.resume
+    group = group or LocalGroup("cpu")   # the same calls in one process
     if args.resume:
+        for flag, given in (("--out", args.out), ("--overwrite", args.overwrite)):
+            if given:
+                raise ConfigError(f"{flag} does not go with --resume: a resumed run stays in {args.resume}; "
+                                  f"drop {flag}, or start a new run without --resume")
         run_dir = Path(args.resume)
-        synset = resume(run_dir, iterations=options.get("iterations"), device=options.get("device"))
+        # Refuses an option that would change the set (rank 0 reads the folder); the others are applied.
+        config = group.on_main(load_run_config, run_dir, **options)
+        if group.main:
+            applied = " ".join(f"--{k.replace('_', '-')} {_flag_value(options[k])}" for k in options)
+            print(f"resuming {run_dir}" + (f" with {applied}" if applied else ""))
+        dataset, data_root = config.dataset, config.data_root
     else:
-        run_dir = Path(args.out or f"runs/{args.dataset.replace(':', '_').replace('/', '_')}-{args.method}-ipc{args.ipc}")
-        if args.image_size:
-            options["image_size"] = args.image_size
-        if args.download:   # fetch before the run so the loop itself never downloads
-            from .data import load_dataset
-            if group is None:
-                load_dataset(args.dataset, args.data_root, download=True)
-            else:   # one download per machine, and every process hears if it failed
-                group.agree(lambda: group.local_rank == 0 and load_dataset(args.dataset, args.data_root,
-                                                                            download=True))
-        synset = distill(args.dataset, ipc=args.ipc, method=args.method, out=run_dir, overwrite=args.overwrite,
-                         data_root=args.data_root, **options)
-    if group is not None and not group.main:
+        dataset = options.pop("dataset", DEFAULT_DATASET)
+        data_root = options.pop("data_root", None)
+        run_dir = Path(args.out or f"runs/{dataset.replace(':', '_').replace('/', '_')}-"
+                                   f"{options.get('method', DistillConfig.method)}-ipc{options.get('ipc', DistillConfig.ipc)}")
+    if args.download:   # fetch before the run so the loop itself never downloads
+        from .data import load_dataset
+        # one download per machine, and every process hears if it failed
+        group.agree(lambda: group.local_rank == 0 and load_dataset(dataset, data_root, download=True))
+    if args.resume:
+        synset = resume(run_dir, **options)
+    else:
+        synset = distill(dataset, out=run_dir, overwrite=args.overwrite, data_root=data_root, **options)
+    if not group.main:
         return
     print(f"\nsynthetic set: {run_dir / 'synset.safetensors'}  ({len(synset)} images, grid: {run_dir / 'grid.png'})")
     data_root = f" --data-root {synset.config.get('data_root')}" if synset.config.get("data_root") else ""
     print(f"evaluate it:   atomdistill evaluate {run_dir} --dataset {synset.dataset}{data_root}")
+
+
+def _flag_value(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
 def cmd_evaluate(args):
@@ -224,9 +258,9 @@ def cmd_evaluate(args):
 
 def _evaluate(args, group):
     from .data import load_dataset
-    from .evaluate import evaluate, evaluation_record, full_training_set
+    from .evaluate import evaluate, evaluation_record, format_result, full_training_set
     from .interop import annotate_record, describe_settings, label_controls, made_for, settings_advice
-    from .io import write_json
+    from .io import check_writable, write_json
     from .synset import SyntheticSet
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     if args.set == "full":
@@ -235,29 +269,35 @@ def _evaluate(args, group):
         synset = SyntheticSet.load(args.set)
         # a run folder gets eval.json; a set file gets NAME.eval.json beside it
         default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
-    protocol = {"runs": args.runs, "epochs": args.epochs, "seed": args.seed}
+    protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, precision=args.precision)
+    out = Path(args.out) if args.out else default_out
+    # before the training, not after it: a record that cannot be written would lose the whole run
+    if group is None:
+        check_writable(out)
+    else:
+        group.on_main(check_writable, out)
     if group is not None:
         evaluate = group.evaluate
-    options = dict(models=args.models, runs=args.runs, epochs=args.epochs, device=args.device,
-                   batched={"auto": "auto", "yes": True, "no": False}[args.batched])
-    results = evaluate(synset, data, seed=args.seed, **options)
+    def run(s):
+        return evaluate(s, data, args.models, protocol, device=args.device,
+                        batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+    results = run(synset)
     # a soft-label set: the same images with hard labels, and real images with its soft labels
-    controls = label_controls(synset, data, evaluate, seed=args.seed, **options)
+    controls = label_controls(synset, data, run, seed=protocol.seed)
     if group is not None and not group.main:
         return
-    out = Path(args.out) if args.out else default_out
     record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
                                device=args.device)
     write_json(out, annotate_record(record, synset, controls))
     print(f"\n{synset.dataset} {synset.method} ipc={synset.ipc if args.set != 'full' else 'all'}  "
-          f"({args.runs} runs x {args.epochs} epochs)")
+          f"({protocol.runs} runs x {protocol.epochs} epochs)")
     print(f"{'model':12s} {'accuracy %':>16s}  seconds")
     for model, r in results.items():
-        print(f"{model:12s} {100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}  {r['seconds']:7.1f}")
+        print(f"{model:12s} {format_result(r):>16s}  {r['seconds']:7.1f}")
     for c in controls:
         print(f"{c['control']}: {c['description']}")
         for model, r in c["results"].items():
-            print(f"{model:12s} {100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}  {r['seconds']:7.1f}")
+            print(f"{model:12s} {format_result(r):>16s}  {r['seconds']:7.1f}")
     settings = made_for(synset)
     if settings:
         print(f"made for: {describe_settings(settings)}")
@@ -269,6 +309,8 @@ def _evaluate(args, group):
 def cmd_baseline(args):
     from .baselines import select_coreset
     from .data import load_dataset
+    from .io import check_writable
+    check_writable(args.out)   # before the selection, which may train an embedding network
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
                             embed_epochs=args.embed_epochs, device=args.device, zca=args.zca,
@@ -292,6 +334,9 @@ def cmd_import(args):
     from .data import load_dataset
     from .interop import check_format, import_set
     check_format(args.format)   # before the dataset loads
+    if args.dataset is None:
+        raise AtomDistillError("import needs --dataset: the dataset the set was made from (its normalisation, "
+                               "classes and test split)")
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     result = import_set(args.file, args.format, data, zca=args.zca, index=args.index, origin=args.origin,
                         method=args.method, labels=args.labels)

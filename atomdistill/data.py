@@ -1,6 +1,7 @@
 """Datasets: read images from disk (or scikit-learn) into normalised tensors in an ``ImageDataset``.
 
-Names accepted by :func:`load_dataset`:
+Names accepted by :func:`load_dataset` (the table ``DATASETS`` at the end of this module: adding a
+dataset is one entry there, with its loader, class count and whether distillation whitens it):
 
 * ``digits`` (alias ``default``): scikit-learn's 8x8 handwritten digits, 1 channel, no download.
 * ``cifar10`` / ``cifar100``: the official pickled batches (``cifar-10-batches-py/``,
@@ -17,13 +18,14 @@ format allows (right after each CIFAR batch is read; never decoded for folder/ti
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import pickle
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,14 +37,20 @@ __all__ = [
     "ImageDataset",
     "load_dataset",
     "list_datasets",
+    "dataset_spec",
+    "count_classes",
+    "zca_by_default",
+    "DATASETS",
+    "DEFAULT_DATASET",
     "denormalize",
     "format_description",
     "DEFAULT_DATA_ROOT",
 ]
 
 DEFAULT_DATA_ROOT = "./data"
+DEFAULT_DATASET = "digits"
 
-# Fixed published statistics (METHOD.md section 7), so runs on the same dataset are comparable.
+# Fixed published statistics (docs/method.md, "Datasets"), so runs on the same dataset are comparable.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)
@@ -85,15 +93,6 @@ _CIFAR = {
 
 _TINY_FOLDER = "tiny-imagenet-200"
 _TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-_ALIASES = {
-    "default": "digits",
-    "cifar-10": "cifar10",
-    "cifar-100": "cifar100",
-    "tiny-imagenet": "tinyimagenet",
-    "tiny_imagenet": "tinyimagenet",
-    "tiny-imagenet-200": "tinyimagenet",
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +233,19 @@ def format_description(desc: dict[str, Any]) -> str:
 
 def list_datasets() -> list[str]:
     """Names :func:`load_dataset` accepts (``folder:PATH`` stands for any image folder)."""
-    return ["digits", "cifar10", "cifar100", "tinyimagenet", "folder:PATH"]
+    return list(DATASETS)
+
+
+def dataset_spec(name: str) -> "DatasetSpec":
+    """The table entry of dataset ``name`` (aliases and ``folder:PATH`` resolved), or a DatasetError."""
+    if name.startswith("folder:"):
+        return DATASETS[FOLDER]
+    key = name.lower()
+    for spec in DATASETS.values():
+        if key == spec.name or key in spec.aliases:
+            return spec
+    raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())} "
+                       "(or 'default' for digits).")
 
 
 def load_dataset(
@@ -253,20 +264,28 @@ def load_dataset(
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DatasetError(f"image_size must be a positive integer, got {image_size!r}.")
     root = Path(DEFAULT_DATA_ROOT if data_root is None else data_root).expanduser()
-    if name.startswith("folder:"):
-        path = name[len("folder:"):]
-        if not path:
-            raise DatasetError("folder: needs a path, e.g. folder:/data/my_images.")
-        return _load_folder(name, Path(path).expanduser(), image_size, classes)
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key == "digits":
-        return _load_digits(image_size, classes)
-    if key in _CIFAR:
-        return _load_cifar(key, root, download, image_size, classes)
-    if key == "tinyimagenet":
-        return _load_tiny(root, download, image_size, classes)
-    raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())} "
-                       "(or 'default' for digits).")
+    return dataset_spec(name).load(name, root, download, image_size, classes)
+
+
+def zca_by_default(name: str) -> bool:
+    """Whether distillation (and a baseline set) whitens dataset ``name`` unless told; False for a
+    dataset made in code (an ImageDataset under a name of its own)."""
+    try:
+        return dataset_spec(name).zca
+    except DatasetError:
+        return False
+
+
+def count_classes(name: str, data_root: str | os.PathLike | None = None) -> int:
+    """How many classes dataset ``name`` has, without loading its images (a folder's are counted)."""
+    spec = dataset_spec(name)
+    if spec.num_classes is not None:
+        return spec.num_classes
+    train = _folder_path(name) / "train"
+    n = len([p for p in train.iterdir() if p.is_dir()]) if train.is_dir() else 0
+    if n == 0:
+        load_dataset(name, data_root)   # raises the loader's own message for the bad layout
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +366,29 @@ def _str_keys(d: dict) -> dict:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
+class _RefusedGlobal(Exception):
+    """A pickle asked for a name a CIFAR batch never contains."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR batches are made of: dicts, lists, bytes, str, ints (no names needed)
+    and numpy arrays (these few names). Anything else (os.system, eval, ...) is refused before it
+    is looked up, so a hostile file cannot run code. The rest of unpickling stays in C: as fast."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),   # protocol 5 arrays
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),   # how Python 3 writes bytes at protocol 2 (re-pickled copies)
+        ("__builtin__", "bytes"), ("builtins", "bytes"), ("__builtin__", "bytearray"), ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, title: str) -> dict:
     if not path.is_file():
         raise DatasetError(f"{title}: file {path} is missing; re-extract the dataset or pass --download "
@@ -354,7 +396,11 @@ def _unpickle(path: Path, title: str) -> dict:
     try:
         with open(path, "rb") as f:
             # latin1 reads Python-2 pickles (official release) including their numpy arrays.
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as e:
+        raise DatasetError(f"{title}: file {path} is not a CIFAR batch: it asks to load {e}, which no CIFAR "
+                           "file contains; it was refused, not run. Delete the folder and extract/download "
+                           "the official archive again.") from None
     except Exception as e:  # truncated/corrupt files raise many types (EOFError, UnpicklingError, ValueError...)
         raise DatasetError(f"{title}: file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                            "delete the folder and extract/download it again.") from None
@@ -390,7 +436,7 @@ def _read_cifar_batch(path: Path, spec: dict, table: np.ndarray) -> tuple[np.nda
     return data.reshape(-1, 3, 32, 32), new
 
 
-def _load_cifar(key: str, root: Path, download: bool, image_size: int | None,
+def _load_cifar(key: str, name: str, root: Path, download: bool, image_size: int | None,
                 classes: Sequence[int] | None) -> ImageDataset:
     spec = _CIFAR[key]
     title = spec["title"]
@@ -503,7 +549,7 @@ def _hwc_to_tensor(arr: np.ndarray, channels: int) -> torch.Tensor:
     return _u8_to_float(arr.transpose(0, 3, 1, 2))
 
 
-def _load_tiny(root: Path, download: bool, image_size: int | None,
+def _load_tiny(name: str, root: Path, download: bool, image_size: int | None,
                classes: Sequence[int] | None) -> ImageDataset:
     """TinyImageNet; class order is ``sorted(wnids)`` (the order most codebases use)."""
     title = "TinyImageNet"
@@ -579,12 +625,32 @@ def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _load_folder(name: str, path: Path, image_size: int | None,
+def _check_test_split(name: str, test_dir: Path, test_names: list[str]) -> None:
+    """DatasetError for a test split that could not test anything: a class folder in it without
+    images, or no images at all (a class may be absent from it)."""
+    for c in test_names:
+        if not _list_images(test_dir / c):
+            raise DatasetError(f"{name}: {test_dir / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add test "
+                               "images or remove the folder.")
+    if not test_names:
+        raise DatasetError(f"{name}: {test_dir} holds no class folders with images, so nothing could be "
+                           "evaluated; add PATH/test/<class>/ folders of images.")
+
+
+def _folder_path(name: str) -> Path:
+    path = name[len("folder:"):]
+    if not path:
+        raise DatasetError("folder: needs a path, e.g. folder:/data/my_images.")
+    return Path(path).expanduser()
+
+
+def _load_folder(name: str, root: Path, download: bool, image_size: int | None,
                  classes: Sequence[int] | None) -> ImageDataset:
     """``PATH/train/<class>/*`` + ``PATH/test/<class>/*`` (or ``val/``); stats from the loaded train images.
 
     With ``classes=`` only those classes are decoded, so mean/std are those of the kept classes.
     """
+    path = _folder_path(name)
     layout = "expected PATH/train/<class>/*.png|jpg|... and PATH/test/<class>/* (or PATH/val/<class>/*)"
     train_dir = path / "train"
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
@@ -617,6 +683,7 @@ def _load_folder(name: str, path: Path, image_size: int | None,
 
     train_paths, train_labels = gather(train_dir, True)
     test_paths, test_labels = gather(test_dir, False)
+    _check_test_split(name, test_dir, test_names)
     size = image_size or 32
     tr, tr_gray = _decode_images(train_paths, size)
     te, te_gray = _decode_images(test_paths, size)
@@ -655,7 +722,8 @@ def _digits_split(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _load_digits(image_size: int | None, classes: Sequence[int] | None) -> ImageDataset:
+def _load_digits(name: str, root: Path, download: bool, image_size: int | None,
+                 classes: Sequence[int] | None) -> ImageDataset:
     """scikit-learn's 8x8 digits; mean/std from the full train split so class shards share them."""
     try:
         from sklearn.datasets import load_digits
@@ -684,3 +752,34 @@ def _load_digits(image_size: int | None, classes: Sequence[int] | None) -> Image
         train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y,
         mean=mean, std=std, classes=kept,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The table of datasets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: how to load it and what the rest of the package needs to know without loading it."""
+
+    name: str
+    load: Callable[..., ImageDataset]   # (name, root, download, image_size, classes)
+    num_classes: int | None      # None: counted from the files (folder:PATH)
+    zca: bool                    # distillation whitens it by default (as ATOM and DataDAM did on CIFAR)
+    about: str                   # one line for help texts
+    aliases: tuple[str, ...] = ()
+
+
+FOLDER = "folder:PATH"
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("digits", _load_digits, 10, False, "scikit-learn's 8x8 digits, embedded (no download)",
+                aliases=("default",)),
+    DatasetSpec("cifar10", functools.partial(_load_cifar, "cifar10"), 10, True, "CIFAR-10, official pickled batches",
+                aliases=("cifar-10",)),
+    DatasetSpec("cifar100", functools.partial(_load_cifar, "cifar100"), 100, True,
+                "CIFAR-100, official pickled batches", aliases=("cifar-100",)),
+    DatasetSpec("tinyimagenet", _load_tiny, 200, False, "TinyImageNet, the tiny-imagenet-200 layout",
+                aliases=("tiny-imagenet", "tiny_imagenet", "tiny-imagenet-200")),
+    DatasetSpec(FOLDER, _load_folder, None, False, "PATH/train/<class>/* and PATH/test/<class>/*"),
+)}

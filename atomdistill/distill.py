@@ -1,4 +1,4 @@
-"""The distillation loop (METHOD.md section 2).
+"""The distillation loop (docs/method.md: "One distillation iteration"; every default and its reason).
 
 Every iteration: draw a fresh random network seeded from (seed, iteration); sample a real
 batch per class; augment real and synthetic images of each class with one shared DSA draw;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,26 +22,28 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .augment import DSA
-from .data import ImageDataset, load_dataset
+from .data import DEFAULT_DATASET, ImageDataset, load_dataset, zca_by_default
 from .errors import AtomDistillError, ConfigError
-from .io import atomic_path, write_json
+from .evaluate import EvalProtocol, evaluate
+from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_leftover, remove_stale_temporaries,
+                 write_json)
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
-from .synset import SyntheticSet
+from .rng import Stream, generator, seeded
+from .runtime import autocast, check_precision, resolve_device
+from .synset import SyntheticSet, read_safetensors
 from .zca import ZCA
-
-ZCA_BY_DEFAULT = ("cifar10", "cifar100")   # as ATOM/DataDAM did; not for TinyImageNet
 
 
 @dataclass
 class DistillConfig:
     """Everything that defines a distillation run; saved with every result."""
 
-    dataset: str = "digits"
+    dataset: str = DEFAULT_DATASET
     data_root: str | None = None
     image_size: int | None = None          # None: the dataset's own size
     ipc: int = 10
@@ -61,16 +64,17 @@ class DistillConfig:
                                            # chunks run fastest, 4096 on a GPU); bounds memory, not the
                                            # result; batch-norm networks take the whole batch at once
     init: str = "real"                     # real | noise
-    zca: bool | None = None                # None: on for CIFAR
+    zca: bool | None = None                # None: the dataset's default (on for CIFAR, data.DATASETS)
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" turns augmentation off
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"                # fp32 | bf16 (autocast of the forward passes; changes the set)
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
     eval_models: tuple[str, ...] = ("convnet",)
-    eval_runs: int = 3
-    eval_epochs: int = 300
+    eval_runs: int = EvalProtocol.runs
+    eval_epochs: int = EvalProtocol.epochs
 
     def __post_init__(self):
         if self.layers is not None:
@@ -84,7 +88,9 @@ class DistillConfig:
             raise ConfigError("batch_real and real_chunk must be at least 1")
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
+        check_numbers(self)
         loss_weights(self.method)   # validates the method name early
+        check_precision(self.precision)
 
     def resolved(self, image_size: int) -> "DistillConfig":
         """A copy with every automatic value made explicit for this dataset."""
@@ -93,8 +99,12 @@ class DistillConfig:
             image_size=image_size,
             net=self.net or ("convnet-d4" if image_size >= 64 else "convnet"),
             lr=self.lr if self.lr is not None else (1.0 if self.ipc <= 50 else 10.0),
-            zca=self.zca if self.zca is not None else self.dataset in ZCA_BY_DEFAULT,
+            zca=self.zca if self.zca is not None else zca_by_default(self.dataset),
         )
+
+    def eval_protocol(self) -> EvalProtocol:
+        """The protocol of the evaluations along the way (eval_every)."""
+        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed, precision=self.precision)
 
     def weights(self):
         return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,
@@ -109,33 +119,44 @@ class DistillConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return device
+# Options that change how a run is executed or logged but not the synthetic set it produces:
+# the ones a resumed run may change.
+EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
+                    "eval_every", "eval_models", "eval_runs", "eval_epochs"}
+
+# Numeric options: whole numbers with their least value, and real numbers that must be finite.
+_INT_FIELDS = {"ipc": 1, "iterations": 0, "batch_real": 1, "real_chunk": 1, "image_size": 1, "seed": None,
+               "checkpoint_every": 1, "log_every": 1, "eval_every": 0, "eval_runs": 1, "eval_epochs": 0}
+_FLOAT_FIELDS = ("lr", "momentum", "spatial", "channel", "mmd", "power", "scale")
 
 
-# ---- deterministic randomness -------------------------------------------------------------
-_NET, _REAL, _DSA, _INIT = 1, 2, 3, 4
+def check_numbers(cfg: DistillConfig) -> None:
+    """ConfigError for a numeric option that is not a number, NaN or infinite, or below its least value."""
+    for name, least in _INT_FIELDS.items():
+        v = getattr(cfg, name)
+        if v is None and name in ("real_chunk", "image_size"):
+            continue
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {v!r}")
+        if least is not None and v < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
+    for name in _FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"--{name} must be a finite number, got {v!r}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise ConfigError(f"--lr must be greater than 0, got {cfg.lr}")
+    if cfg.momentum < 0:
+        raise ConfigError(f"--momentum must be at least 0, got {cfg.momentum}")
 
 
-def derived_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, purpose, iteration, class...)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(*parts))
-
-
+# ---- deterministic randomness: every draw from (seed, stream, iteration, class), see rng.py ----
 def random_network(cfg: DistillConfig, channels: int, num_classes: int, iteration: int,
                    device: torch.device) -> torch.nn.Module:
     """The fresh, frozen network of one iteration, identical in every process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(cfg.seed, _NET, iteration))
+    with seeded(cfg.seed, Stream.NET, iteration):
         net = build_model(cfg.net, channels, num_classes, cfg.image_size)
     return net.to(device).requires_grad_(False)
 
@@ -149,7 +170,7 @@ def real_batch_indices(class_indices: Sequence[torch.Tensor], global_ids: Sequen
     """batch images per class without replacement (all of a smaller class); local labels."""
     idx, labels = [], []
     for local, (cls_idx, gid) in enumerate(zip(class_indices, global_ids)):
-        perm = torch.randperm(len(cls_idx), generator=generator(seed, _REAL, iteration, gid))[:batch]
+        perm = torch.randperm(len(cls_idx), generator=generator(seed, Stream.REAL, iteration, gid))[:batch]
         idx.append(cls_idx[perm])
         labels.append(torch.full((len(perm),), local, dtype=torch.long))
     return torch.cat(idx), torch.cat(labels)
@@ -160,7 +181,7 @@ def initial_images(train_images: torch.Tensor, class_indices: Sequence[torch.Ten
     """ipc random real images of each class (in the space of train_images), or Gaussian noise."""
     images = []
     for cls_idx, gid in zip(class_indices, global_ids):
-        g = generator(seed, _INIT, gid)
+        g = generator(seed, Stream.INIT, gid)
         if init == "real":
             images.append(train_images[cls_idx[torch.randperm(len(cls_idx), generator=g)[:ipc]]].cpu())
         else:
@@ -193,19 +214,45 @@ def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: st
 
 
 def resume(run_dir: str | Path, progress: bool = True, **overrides) -> SyntheticSet:
-    """Continue an interrupted run from its folder (overrides: e.g. iterations to extend it)."""
+    """Continue an interrupted run from its folder. `overrides` may change how it executes
+    (EXECUTION_FIELDS: e.g. iterations to extend it, device); see load_run_config."""
     return Distiller(load_run_config(run_dir, **overrides), out=run_dir, resume=True, progress=progress).run()
 
 
 def load_run_config(run_dir: str | Path, **overrides) -> DistillConfig:
-    """The configuration saved in a run folder, with the non-None `overrides` applied."""
-    cfg_path = Path(run_dir) / "config.json"
+    """The configuration saved in a run folder, with the non-None `overrides` applied.
+
+    Only EXECUTION_FIELDS may change: any other option would make another set than the one the
+    run is making, so it must equal the saved value (a ConfigError names it otherwise)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
+        if run_dir.is_dir() and all(is_leftover(p) for p in run_dir.iterdir()):
+            raise AtomDistillError(f"{run_dir} holds no run to resume: it was stopped before it wrote its "
+                                   "configuration; start it again with the original `atomdistill distill ... "
+                                   f"--out {run_dir}` command")
         raise AtomDistillError(f"{run_dir} is not a run folder (no config.json); pass the --out folder of "
                                "an earlier `atomdistill distill`")
-    saved = json.loads(cfg_path.read_text())["config"]
-    saved.update({k: v for k, v in overrides.items() if v is not None})
-    return DistillConfig.from_dict(saved)
+    try:
+        saved = json.loads(cfg_path.read_text())["config"]
+        before = DistillConfig.from_dict(saved)
+    except Exception as e:   # unreadable, not JSON, not a config, or values no run could have had
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise AtomDistillError(f"{cfg_path} is damaged ({reason}); start the run again with its original "
+                               "`atomdistill distill` command and --overwrite") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(DistillConfig)})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; use DistillConfig's fields")
+    after = DistillConfig.from_dict({**saved, **given})
+    for name in given:
+        if name not in EXECUTION_FIELDS and getattr(after, name) != getattr(before, name):
+            allowed = ", ".join(f"--{f.replace('_', '-')}" for f in sorted(EXECUTION_FIELDS))
+            option = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{option} {given[name]} would change the set that {run_dir} is making (made with "
+                              f"{getattr(before, name)}); a resumed run may change only {allowed}; start a new run "
+                              f"(another --out) to use another {option}")
+    return after
 
 
 class Distiller:
@@ -216,7 +263,10 @@ class Distiller:
                  classes: Sequence[int] | None = None, num_classes_total: int | None = None,
                  zca: ZCA | None = None):
         self.out = Path(out) if out is not None else None
-        self.resume, self.progress = resume, progress
+        self.resume, self.progress, self.overwrite = resume, progress, overwrite
+        self._lock: FolderLock | None = None
+        self._bar = None
+        self._saved_iteration: int | None = None   # the last checkpoint this run wrote or resumed from
         if self.out is not None and not resume:
             self._check_out(overwrite)
         self.device = resolve_device(config.device)
@@ -240,6 +290,7 @@ class Distiller:
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
+        check_precision(self.config.precision, self.device)   # warns once where bf16 is emulated
         # Batch norm normalises with the statistics of the batch it is given, and the synthetic
         # images of all classes go through in one batch: so must the real ones (as in the reference
         # code), or real features would be normalised per class and synthetic ones across classes.
@@ -253,6 +304,24 @@ class Distiller:
     # Seams for atomdistill.distributed.ShardedDistiller, which runs them across processes.
     def _check_out(self, overwrite: bool):
         _check_run_dir(self.out, overwrite)
+
+    def _claim_out(self):
+        """Lock the run folder for this process (a second writer is refused), then, under the lock,
+        check it again, clear it for --overwrite and remove what killed writes left behind."""
+        lock = FolderLock(self.out, "run folder").acquire()
+        try:
+            if not self.resume:
+                _check_run_dir(self.out, self.overwrite, clear=True)
+            remove_stale_temporaries(self.out, RUN_FILES)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+
+    def _release_out(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _write_config(self):
         write_json(self.out / "config.json", {"config": self.config.to_dict(),
@@ -268,7 +337,7 @@ class Distiller:
         net = random_network(cfg, self.data.channels, self.num_classes_total, iteration, self.device)
         draws = None
         if self.dsa is not None:   # one draw per class (Siamese), shared by its real and synthetic images
-            draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, _DSA, iteration))
+            draws = self.dsa.sample(self.num_classes_total, generator(cfg.seed, Stream.DSA, iteration))
             draws = draws.index(torch.tensor(self.global_ids)).to(self.device)
         real_idx, real_labels = real_batch_indices(self.cpu_class_indices, self.global_ids, cfg.batch_real,
                                                    cfg.seed, iteration)
@@ -281,20 +350,40 @@ class Distiller:
                 x = self.train_images[idx]
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)
-                real.add(self.loss_fn.vectors(*net.features(x)), labels)
+                real.add(self.loss_fn.vectors(*self._features(net, x)), labels)
         x = self.dsa.apply(syn, draws, self.syn_labels) if draws is not None else syn
-        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*net.features(x)), self.syn_labels)
+        fake = ClassMeans(self.data.num_classes).add(self.loss_fn.vectors(*self._features(net, x)), self.syn_labels)
         return self.loss_fn(real.means(), fake.means())
+
+    def _features(self, net: torch.nn.Module, x: torch.Tensor):
+        """net.features(x); with precision bf16 under autocast, the outputs back in fp32 for the loss."""
+        if self.config.precision == "fp32":
+            return net.features(x)
+        with autocast(self.device, self.config.precision):
+            acts, embedding = net.features(x)
+        return [a.float() for a in acts], embedding.float()
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> SyntheticSet:
+        if self.out is not None:
+            self._claim_out()
+        try:
+            return self._run()
+        finally:
+            if self._bar is not None:   # end the progress line before any error message
+                self._bar.close()
+            self._release_out()
+
+    def _run(self) -> SyntheticSet:
         cfg = self.config
         state = self._load_checkpoint() if self.resume else None
+        if state is not None:
+            self._saved_iteration = state.iteration
         if state is None:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
                                                cfg.init, cfg.seed), None)
-            if self.out is not None:
-                self._write_config()
+        if self.out is not None:   # on resume too: a later --resume continues with what this one changed
+            self._write_config()
         syn = state.images.to(self.device).requires_grad_(True)
         opt = torch.optim.SGD([syn], lr=cfg.lr, momentum=cfg.momentum)
         if state.momentum is not None:
@@ -302,16 +391,14 @@ class Distiller:
         history = state.history
         bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not self.progress, unit="it",
                    desc=f"{cfg.method} ipc={cfg.ipc}", dynamic_ncols=True)
+        self._bar = bar
         t0, done_at_start = time.perf_counter(), state.iteration
         for it in range(state.iteration, cfg.iterations):
             t_iter = time.perf_counter()
             loss, terms = self.step_loss(syn, it)
             total, terms = self._reduce_loss(loss, terms)
             if not torch.isfinite(total):
-                raise AtomDistillError(
-                    f"the matching loss became {total.item()} at iteration {it}; lower --lr or the loss "
-                    f"--scale (now {cfg.lr} and {self.weights.scale})"
-                    + (f"; the last good checkpoint is in {self.out}" if self.out else ""))
+                raise self._diverged(f"the matching loss became {total.item()} at iteration {it}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -329,21 +416,34 @@ class Distiller:
                 bar.set_postfix(loss=f"{total.item():.4g}", acc=_acc_summary(history[-1]["eval"]))
             if self.out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 self._save_checkpoint(RunState(done, syn.detach(), opt.state[syn].get("momentum_buffer"), history))
+                self._saved_iteration = done
         bar.close()
         synset = self.synthetic_set(syn, state_iteration=max(cfg.iterations, state.iteration), history=history)
+        if not torch.isfinite(synset.images).all():
+            raise self._diverged(f"the synthetic images became non-finite by iteration {cfg.iterations}")
         if self.out is not None:
             self._finish(synset, history)
         return synset
 
+    def _diverged(self, what: str) -> AtomDistillError:
+        """The error that stops a diverged run: what happened, the fix, and what the folder still holds."""
+        text = f"{what}: the images diverged with --lr {self.config.lr} and loss --scale {self.weights.scale}; " \
+               "run again with a lower --lr or --scale"
+        if self.out is not None:
+            text += " and --overwrite" + (
+                f" ({self.out} keeps its last checkpoint, iteration {self._saved_iteration}, whose images are "
+                "finite; resuming it would repeat the same steps)" if self._saved_iteration is not None else
+                f" ({self.out} has no checkpoint of this run)")
+        return AtomDistillError(text)
+
     def evaluate(self, syn: torch.Tensor) -> dict:
-        from .evaluate import evaluate
         cfg = self.config
         synset = self.synthetic_set(syn)
         if self._eval_test is None:
             self._eval_test = (synset.prepare_real(self.data.test_images), self.data.test_labels)
-        results = evaluate(synset, self.data, models=cfg.eval_models, runs=cfg.eval_runs, epochs=cfg.eval_epochs,
-                           seed=cfg.seed, device=self.device, progress=False, test=self._eval_test)
-        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+        results = evaluate(synset, self.data, cfg.eval_models, cfg.eval_protocol(), device=self.device,
+                           progress=False, test=self._eval_test)
+        return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}
 
     def synthetic_set(self, syn: torch.Tensor, state_iteration: int | None = None, history=None) -> SyntheticSet:
         info = {"iterations_done": state_iteration, "classes": self.global_ids}
@@ -363,7 +463,11 @@ class Distiller:
         tensors = {"images": state.images.float().cpu().contiguous()}
         if state.momentum is not None:
             tensors["momentum"] = state.momentum.float().cpu().contiguous()
-        meta = {"iteration": state.iteration, "config": self.config.to_dict(), "history": state.history}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):   # never replace a good checkpoint
+            raise self._diverged(f"the synthetic images became non-finite at iteration {state.iteration}")
+        meta = json.loads(json.dumps({"iteration": state.iteration, "config": self.config.to_dict(),
+                                      "history": state.history}))
+        meta["checksum"] = content_checksum(tensors, meta)
         with atomic_path(self.out / "checkpoint.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"atomdistill": json.dumps(meta)})
         write_metrics(self.out / "metrics.jsonl", state.history)
@@ -372,10 +476,14 @@ class Distiller:
         path = self.out / "checkpoint.safetensors"
         if not path.exists():
             return None
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["atomdistill"])
-        tensors = load_file(str(path))
+        fix = (f"delete it and run `atomdistill distill --resume {self.out}` again to restart from iteration 0 "
+               "with the same options, or start again with --overwrite")
+        meta, tensors = read_safetensors(path, "checkpoint", fix)
+        expected = (self.num_classes_total * self.config.ipc, self.data.channels, self.data.image_size,
+                     self.data.image_size)
+        reason = checkpoint_problem(meta, tensors, expected)
+        if reason:
+            raise AtomDistillError(f"checkpoint {path} is damaged ({reason}); {fix}")
         saved = DistillConfig.from_dict(meta["config"])
         if _result_fields(saved) != _result_fields(self.config):
             raise ConfigError(f"the checkpoint in {self.out} was made with another configuration; resume "
@@ -391,13 +499,40 @@ class Distiller:
                                                                f"ipc={self.config.ipc}")
 
 
-# Options that change how a run is executed or logged but not the synthetic set it produces.
-_EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoint_every", "log_every",
-                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
+# What a run writes in its folder (and may find half-written temporaries of after a kill).
+RUN_FILES = ("config.json", "checkpoint.safetensors", "metrics.jsonl", "synset.safetensors", "grid.png",
+             "curves.png")
+
+
+def checkpoint_problem(meta, tensors: dict, shape: tuple) -> str | None:
+    """Why a checkpoint's content cannot be resumed from (None if it can): checksum, structure, values."""
+    if not isinstance(meta, dict):
+        return "no atomdistill metadata"
+    if "checksum" in meta and meta["checksum"] != content_checksum(tensors, meta):
+        return "its content does not match its checksum"
+    it, history = meta.get("iteration"), meta.get("history")
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        return "no valid iteration count"
+    if not isinstance(meta.get("config"), dict) or not isinstance(history, list) \
+            or not all(isinstance(h, dict) for h in history):
+        return "no valid configuration or history"
+    try:
+        DistillConfig.from_dict(meta["config"])
+    except Exception as e:   # a config no run could have had
+        return f"invalid configuration: {e}"
+    for name in ("images", "momentum"):
+        t = tensors.get(name)
+        if t is None and name == "momentum":
+            continue
+        if t is None or tuple(t.shape) != shape or t.dtype != torch.float32:
+            return f"{name} are not float32 of shape {shape}"
+        if not torch.isfinite(t).all():
+            return f"{name} hold NaN or infinite values"
+    return None
 
 
 def _result_fields(cfg: DistillConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _EXECUTION_FIELDS}
+    return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
 def check_ipc(data: ImageDataset, ipc: int):
@@ -415,14 +550,19 @@ def write_metrics(path: Path, history: list[dict]):
         tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
-def _check_run_dir(out: Path, overwrite: bool):
-    if out.exists() and any(out.iterdir()):
+def _check_run_dir(out: Path, overwrite: bool, clear: bool = False):
+    """ConfigError unless `out` can be a new run folder: absent, empty (leftovers of a run killed before
+    it wrote anything count as empty), or --overwrite. `clear` removes the old run's files then."""
+    check_writable(out, folder=True)
+    if out.is_dir() and any(not is_leftover(p) for p in out.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {out} already exists and is not empty; continue it with "
                               f"`--resume {out}`, choose another --out, or pass --overwrite")
-        for name in ("checkpoint.safetensors", "synset.safetensors", "metrics.jsonl", "config.json"):
-            (out / name).unlink(missing_ok=True)
+        if clear:
+            for name in ("checkpoint.safetensors", "synset.safetensors", "metrics.jsonl", "config.json"):
+                (out / name).unlink(missing_ok=True)
 
 
 def _acc_summary(results: dict) -> str:
-    return ",".join(f"{m}:{r['mean'] * 100:.1f}" for m, r in results.items())
+    return ",".join(f"{m}:{r['mean'] * 100:.1f}" if r["mean"] is not None else f"{m}:diverged"
+                    for m, r in results.items())

@@ -42,19 +42,20 @@ import torch
 import torch.distributed as dist
 
 from . import errors
-from .data import ImageDataset, load_dataset
-from .distill import (DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, has_batch_norm,
-                      load_run_config, resolve_device)
+from .data import ImageDataset, count_classes, load_dataset
+from .distill import DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, has_batch_norm, load_run_config
 from .errors import AtomDistillError, ConfigError, DatasetError
+from .evaluate import EvalProtocol, check_compatible, summarise_runs, train_and_test, training_targets
 from .models import build_model
+from .runtime import resolve_device
 from .synset import SyntheticSet
 from .zca import ZCA
 
 ENV_TIMEOUT = "ATOMDISTILL_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 
-__all__ = ["launched", "process_group", "ProcessGroup", "ShardedDistiller", "shard_classes", "count_classes",
-           "check_shardable", "distributed_zca", "ENV_TIMEOUT"]
+__all__ = ["launched", "process_group", "ProcessGroup", "LocalGroup", "ShardedDistiller", "shard_classes",
+           "count_classes", "check_shardable", "distributed_zca", "ENV_TIMEOUT"]
 
 
 # ---- launch -------------------------------------------------------------------------------
@@ -226,22 +227,24 @@ class ProcessGroup:
         return ShardedDistiller(config, self, out=run_dir, resume=True, progress=progress).run()
 
     def evaluate(self, synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] | str = ("convnet",),
-                 runs: int = 3, epochs: int = 300, *, progress: bool = True, test=None, **protocol) -> dict:
-        """Like atomdistill.evaluate, with the (model, run) trainings spread over the ranks; same results."""
-        from .evaluate import check_compatible, training_targets
+                 protocol: EvalProtocol | None = None, *, device=None, progress: bool = True, batched="auto",
+                 test=None, max_parallel: int | None = None, **fields) -> dict:
+        """Like atomdistill.evaluate (the group's device replaces `device`), with the (model, run)
+        trainings spread over the ranks; same results."""
+        protocol = EvalProtocol.of(protocol, **fields)
         self.agree(check_compatible, synset, dataset)
         if test is None:
             test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
-        return self.evaluate_runs(synset.images, training_targets(synset), test[0], test[1], models, runs, epochs,
-                                  num_classes=synset.num_classes, progress=progress, **protocol)
+        return self.evaluate_runs(synset.images, training_targets(synset), test[0], test[1], models, protocol,
+                                  num_classes=synset.num_classes, progress=progress, batched=batched,
+                                  max_parallel=max_parallel)
 
-    def evaluate_runs(self, images, labels, test_images, test_labels, models: Sequence[str] | str, runs: int,
-                      epochs: int, *, num_classes: int, progress: bool = True, **protocol) -> dict:
+    def evaluate_runs(self, images, labels, test_images, test_labels, models: Sequence[str] | str,
+                      protocol: EvalProtocol, *, num_classes: int, progress: bool = True, **options) -> dict:
         """The jobs (model, run) are dealt round-robin over the ranks; each trains its share with
         train_and_test(run_ids=...), which gives every run the draws it gets in one process."""
-        from .evaluate import train_and_test
         models = [models] if isinstance(models, str) else list(models)
-        protocol.pop("device", None)
+        runs = protocol.runs
         jobs = [(m, r) for m in models for r in range(runs)][self.rank::self.world_size]
         mine = {}
         for m in models:
@@ -249,9 +252,9 @@ class ProcessGroup:
             if not ids:
                 continue
             t0 = time.perf_counter()
-            accs = _guarded(train_and_test, images, labels, test_images, test_labels, m, runs, epochs,
+            accs = _guarded(train_and_test, images, labels, test_images, test_labels, m, protocol,
                             device=self.device, progress=progress and self.main, num_classes=num_classes,
-                            run_ids=ids, **protocol)
+                            run_ids=ids, mark_diverged=True, **options)
             mine[m] = (ids, accs, time.perf_counter() - t0)
         # An error in one rank's training reaches the others here, instead of as a hang.
         gathered = self.agree(lambda: _raise_if_error(mine))
@@ -266,9 +269,41 @@ class ProcessGroup:
                     for r, acc in zip(ids, a):
                         accs[r] = acc
                     seconds = max(seconds, s)   # wall time: the ranks train their shares side by side
-            results[m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
-                          "seconds": seconds}
+            results[m] = summarise_runs(accs, seconds)
         return results
+
+    def deal(self, items: Sequence, fn: Callable[[Any], dict], what: str = "gathering results"
+             ) -> Iterator[tuple[list, dict]]:
+        """Apply `fn` (item -> dict) to every item, one item per rank per round, in item order; yield
+        each round's items and the union of its results, on every rank. A failure on any rank
+        raises on every rank at the end of its round, instead of leaving the others waiting."""
+        for start in range(0, len(items), self.world_size):
+            round_ = list(items[start:start + self.world_size])
+            mine = round_[self.rank] if self.rank < len(round_) else None
+            own = self.agree(lambda: fn(mine) if self.rank < len(round_) else {})
+            merged = {}
+            for share in self.all_gather_object(own, what):
+                merged.update(share)
+            yield round_, merged
+
+
+class LocalGroup:
+    """The group of one process: the ProcessGroup operations the package uses, done here and now
+    (so code written for a group runs unchanged without torchrun)."""
+
+    rank, world_size, local_rank, main = 0, 1, 0, True
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+
+    def on_main(self, fn: Callable, *args, **kwargs) -> Any:
+        return fn(*args, **kwargs)
+
+    agree = on_main
+
+    def deal(self, items: Sequence, fn: Callable[[Any], dict], what: str = "") -> Iterator[tuple[list, dict]]:
+        for item in items:
+            yield [item], fn(item)
 
 
 def _guarded(fn, *args, **kwargs):
@@ -315,22 +350,6 @@ def shard_classes(num_classes: int, world_size: int, rank: int) -> list[int]:
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (rank < extra)))
-
-
-def count_classes(name: str, data_root: str | os.PathLike | None = None) -> int:
-    """How many classes dataset `name` has, without loading its images."""
-    from .data import _ALIASES, _CIFAR, DEFAULT_DATA_ROOT
-    if name.startswith("folder:"):
-        train = Path(name[len("folder:"):]).expanduser() / "train"
-        n = len([p for p in train.iterdir() if p.is_dir()]) if train.is_dir() else 0
-        if n == 0:
-            load_dataset(name, data_root)   # raises the loader's own message for the bad layout
-        return n
-    key = _ALIASES.get(name.lower(), name.lower())
-    known = {"digits": 10, "tinyimagenet": 200, **{k: v["num_classes"] for k, v in _CIFAR.items()}}
-    if key not in known:
-        load_dataset(name, data_root or DEFAULT_DATA_ROOT)   # raises "unknown dataset ..., choose one of"
-    return known[key]
 
 
 def check_shardable(net: str, channels: int, num_classes: int, image_size: int, world_size: int):
@@ -417,6 +436,9 @@ class ShardedDistiller(Distiller):
     def _check_out(self, overwrite: bool):
         self.group.on_main(_check_run_dir, self.out, overwrite)
 
+    def _claim_out(self):   # rank 0 writes, so rank 0 holds the lock (every rank hears a refusal)
+        self.group.on_main(super()._claim_out)
+
     def _write_config(self):
         self.group.on_main(super()._write_config)
 
@@ -467,6 +489,5 @@ class ShardedDistiller(Distiller):
             self._eval_test = (self.group.all_gather_rows(test, "gathering the test split"),
                                self.group.all_gather_rows(labels, "gathering the test split"))
         results = self.group.evaluate_runs(synset.images, synset.labels, *self._eval_test, cfg.eval_models,
-                                           cfg.eval_runs, cfg.eval_epochs, num_classes=self.num_classes_total,
-                                           progress=False, seed=cfg.seed)
-        return {m: {"mean": r["mean"], "std": r["std"]} for m, r in results.items()}
+                                           cfg.eval_protocol(), num_classes=self.num_classes_total, progress=False)
+        return {m: {"mean": r["mean"], "std": r["std"], "diverged": r["diverged"]} for m, r in results.items()}

@@ -1,9 +1,10 @@
-"""Evaluation protocol (METHOD.md section 4): train fresh networks on a set, test on real data.
+"""Evaluation protocol (docs/evaluation.md): train fresh networks on a set, test on real data.
 
-Per run: a fresh network, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cross-entropy, batches
-of 256 reshuffled every epoch, DSA on every training batch (one family per batch, each image its
-own parameters: the reference's mode 'S' without Siamese sharing), then one test on the whole
-real test set after the last epoch (no best-epoch picking).
+`EvalProtocol` holds the protocol's settings and their defaults, the reference's: per run a fresh
+network, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cross-entropy, batches of 256 reshuffled
+every epoch, DSA on every training batch (one family per batch, each image its own parameters:
+the reference's mode 'S' without Siamese sharing), then one test on the whole real test set
+after the last epoch (no best-epoch picking). Every evaluation record carries it.
 
 Epochs and learning-rate decay follow the DC/DM reference ``evaluate_synset`` exactly::
 
@@ -26,7 +27,7 @@ networks batch too: their running statistics are stacked buffers that vmap updat
 On a CPU the training is compute-bound and batching only adds the layout copies of the vmapped
 layers (measured 0.55-0.85x the sequential speed on 2 cores), so ``batched="auto"`` trains one network at a time there.
 
-Randomness: everything comes from ``distill.generator(seed, purpose, run, ...)`` (initialisation
+Randomness: everything comes from ``rng.generator(seed, stream, run, ...)`` (initialisation
 per run, shuffle per (run, epoch), DSA per (run, step)), so a run's draws do not depend on how
 many networks train beside it: batched and sequential training see identical data, augmentations
 and initial weights. Their accuracies agree up to float rounding: a vmapped (grouped)
@@ -41,7 +42,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,33 +52,69 @@ from tqdm.auto import tqdm
 
 from .augment import DSA, DSAParams
 from .data import ImageDataset
-from .distill import derived_seed, generator, resolve_device
 from .errors import ConfigError
 from .io import write_json
 from .models import build_model
+from .rng import Stream, generator, seeded
+from .runtime import autocast, check_precision, resolve_device
 from .synset import SyntheticSet
-
-# Purposes for derived seeds; distinct from distill.py's 1..4 so evaluation never replays
-# the distillation's random streams.
-_EVAL_NET, _EVAL_SHUFFLE, _EVAL_DSA = 101, 102, 103
 
 DEFAULT_DSA = "color_crop_cutout_flip_scale_rotate"
 TEST_CHUNK = 1024   # test images per forward, summed over the networks run together
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+    """How a set is evaluated; the defaults are the reference's (DC/DM/DataDAM)."""
+
+    runs: int = 3                    # fresh networks per architecture
+    epochs: int = 300                # epochs + 1 passes over the set (the reference's count)
+    lr: float = 0.01                 # x0.1 after pass epochs // 2 + 1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: str | None = DEFAULT_DSA    # DSA strategy; None or "none": no augmentation
+    seed: int = 0                    # every run's draws come from (seed, run)
+    precision: str = "fp32"          # "bf16": the networks run under bf16 autocast (an option, not the reference)
+
+    def __post_init__(self):
+        if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"need runs >= 1, epochs >= 0 and batch_size >= 1; got {self.runs}, {self.epochs}, "
+                              f"{self.batch_size}")
+        check_precision(self.precision)
+
+    @classmethod
+    def of(cls, protocol: "EvalProtocol | Mapping[str, Any] | None" = None, **fields) -> "EvalProtocol":
+        """`protocol` (an EvalProtocol, a mapping of its fields, or None for the defaults) with the
+        non-None `fields` replacing its values."""
+        base = dataclasses.asdict(protocol) if isinstance(protocol, EvalProtocol) else dict(protocol or {})
+        base.update({k: v for k, v in fields.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise ConfigError(f"unknown evaluation option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 # ---- public API ---------------------------------------------------------------------------
 def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] | str = ("convnet",),
-             runs: int = 3, epochs: int = 300, *, lr: float = 0.01, momentum: float = 0.9,
-             weight_decay: float = 5e-4, batch_size: int = 256, dsa: str | None = DEFAULT_DSA,
-             seed: int = 0, device: str | torch.device = "auto", progress: bool = True,
+             protocol: EvalProtocol | None = None, *, device: str | torch.device = "auto", progress: bool = True,
              batched: bool | str = "auto", test: tuple[torch.Tensor, torch.Tensor] | None = None,
-             max_parallel: int | None = None) -> dict[str, dict]:
+             max_parallel: int | None = None, **fields) -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
-    Returns ``{model: {"mean", "std", "accs", "seconds"}}`` with accuracies as fractions and
-    ``std`` the population standard deviation (``np.std``), as the reference reports.
-    `test`: (images, labels) already in the set's space (skips ``synset.prepare_real``).
-    `max_parallel`: at most this many networks train together (bounds memory; same results)."""
+    The protocol is `protocol` (default EvalProtocol()) with `fields` (runs=, epochs=, lr=, seed=,
+    ...) replacing its values. Returns ``{model: {"mean", "std", "accs", "diverged", "seconds"}}``
+    with accuracies as fractions and ``std`` the population standard deviation (``np.std``), as the
+    reference reports. A run whose network's weights became non-finite (its training loss
+    overflowed) has diverged: its entry in ``accs`` is None, it is left out of mean and std, and
+    ``diverged`` counts such runs (mean and std are None when every run diverged). `test`:
+    (images, labels) already in the set's space (skips ``synset.prepare_real``). `max_parallel`: at
+    most this many networks train together (bounds memory; same results)."""
+    protocol = EvalProtocol.of(protocol, **fields)
     check_compatible(synset, dataset)
     if isinstance(models, str):
         models = [models]
@@ -89,12 +126,10 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     results = {}
     for name in models:
         t0 = time.perf_counter()
-        accs = train_and_test(images, labels, test_images, test_labels, name, runs, epochs, lr=lr,
-                              momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, dsa=dsa,
-                              seed=seed, device=dev, progress=progress, batched=batched,
-                              num_classes=synset.num_classes, max_parallel=max_parallel)
-        results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
-                         "seconds": time.perf_counter() - t0}
+        accs = train_and_test(images, labels, test_images, test_labels, name, protocol, device=dev, progress=progress,
+                              batched=batched, num_classes=synset.num_classes, max_parallel=max_parallel,
+                              mark_diverged=True)
+        results[name] = summarise_runs(accs, time.perf_counter() - t0)
     return results
 
 
@@ -105,6 +140,24 @@ def training_targets(synset: SyntheticSet) -> torch.Tensor:
         return synset.labels.long()
     from .interop import check_soft_labels
     return check_soft_labels(synset.soft_labels, len(synset.labels), synset.num_classes, "the set's soft labels")
+
+
+def summarise_runs(accs: Sequence[float], seconds: float) -> dict:
+    """Mean and population std over the runs that trained; NaN accuracies (diverged runs) become
+    None in 'accs' and are counted in 'diverged' instead (mean/std None if no run trained)."""
+    ok = [float(a) for a in accs if a is not None and np.isfinite(a)]
+    return {"mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
+            "accs": [float(a) if a is not None and np.isfinite(a) else None for a in accs],
+            "diverged": len(accs) - len(ok), "seconds": seconds}
+
+
+def format_result(r: dict) -> str:
+    """'mean ± std' in percent, with the diverged runs named; 'diverged (all N runs)' when none trained."""
+    n, bad = len(r.get("accs") or []), r.get("diverged", 0)
+    if r.get("mean") is None:
+        return f"diverged (all {n} runs)" if n else "diverged"
+    text = f"{100 * r['mean']:8.2f} ± {100 * r['std']:5.2f}"
+    return text + (f" ({bad} of {n} runs diverged)" if bad else "")
 
 
 def check_compatible(synset: SyntheticSet, dataset: ImageDataset) -> None:
@@ -125,12 +178,11 @@ def check_compatible(synset: SyntheticSet, dataset: ImageDataset) -> None:
 
 
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-                   test_labels: torch.Tensor, model_name: str, runs: int = 3, epochs: int = 300, *,
-                   lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   batch_size: int = 256, dsa: str | DSA | None = DEFAULT_DSA, seed: int = 0,
+                   test_labels: torch.Tensor, model_name: str, protocol: EvalProtocol | None = None, *,
                    device: str | torch.device = "auto", progress: bool = True, batched: bool | str = "auto",
                    model_kwargs: dict | None = None, num_classes: int | None = None,
-                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None) -> list[float]:
+                   max_parallel: int | None = None, run_ids: Sequence[int] | None = None,
+                   mark_diverged: bool = False) -> list[float]:
     """The core of the protocol: test accuracy (fraction) of each run, in run order.
 
     `images` are in the model-input space; test images likewise. `model_kwargs` are build_model
@@ -138,9 +190,9 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     the runs can be trained elsewhere and still get the draws it would get here. `batched`:
     True trains the runs together, False one after another, "auto" batches on a GPU only (on a
     CPU the work is compute-bound and the vmapped layers only add copies: batched was ~0.55x the
-    speed of sequential on 2 EPYC cores, up to 0.85x with 5 runs)."""
-    if runs < 1 or epochs < 0 or batch_size < 1:
-        raise ConfigError(f"need runs >= 1, epochs >= 0 and batch_size >= 1; got {runs}, {epochs}, {batch_size}")
+    speed of sequential on 2 EPYC cores, up to 0.85x with 5 runs). `mark_diverged`: a run whose
+    weights became non-finite gets NaN instead of the chance-level accuracy its network still scores."""
+    protocol = protocol or EvalProtocol()
     if len(images) == 0:
         raise ConfigError("the set to train on is empty; pass a set with at least one image")
     dev = resolve_device(device)
@@ -148,33 +200,31 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
         batched = dev.type == "cuda"
     elif not isinstance(batched, bool):
         raise ConfigError(f"batched must be True, False or 'auto'; got {batched!r}")
-    run_ids = list(range(runs)) if run_ids is None else [int(r) for r in run_ids]
-    aug = dsa if isinstance(dsa, DSA) else (DSA(dsa) if dsa else None)
+    run_ids = list(range(protocol.runs)) if run_ids is None else [int(r) for r in run_ids]
+    aug = DSA(protocol.dsa) if protocol.dsa else None
     if aug is not None and not aug.families:
         aug = None
     soft = labels.is_floating_point()   # soft labels: class probabilities [N, K]
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
                  int(num_classes) if num_classes is not None else
-                 (labels.shape[1] if soft else int(labels.max()) + 1), images.shape[-1])
-    opt = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+                 (labels.shape[1] if soft else int(labels.max()) + 1), images.shape[-1],
+                 check_precision(protocol.precision, dev))
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.float32 if soft else torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
     group = len(run_ids) if batched else 1
     if max_parallel is not None:
         group = max(1, min(group, int(max_parallel)))
     groups = [run_ids[i:i + group] for i in range(0, len(run_ids), group)]
-    passes = epochs + 1
-    bar = tqdm(total=passes * len(groups), disable=not progress, unit="ep", dynamic_ncols=True,
+    bar = tqdm(total=(protocol.epochs + 1) * len(groups), disable=not progress, unit="ep", dynamic_ncols=True,
                desc=f"{model_name} x{len(run_ids)}" + (" batched" if batched else ""))
     accs: list[float] = []
     try:
         for ids in groups:
             fn = _train_group if batched else _train_one
-            accs += fn(spec, ids, images, labels, test_images, test_labels, epochs, batch_size, aug, seed,
-                       dev, opt, bar)
+            accs += fn(spec, ids, images, labels, test_images, test_labels, protocol, aug, dev, bar)
     finally:
         bar.close()
-    return accs
+    return [float("nan") if mark_diverged and isinstance(a, DivergedAccuracy) else float(a) for a in accs]
 
 
 def full_training_set(dataset: ImageDataset) -> SyntheticSet:
@@ -184,18 +234,17 @@ def full_training_set(dataset: ImageDataset) -> SyntheticSet:
                         zca=None, dataset=dataset.name, method="full", config={}, info={})
 
 
-def evaluation_record(synset: SyntheticSet, results: dict, protocol: dict, path: str | os.PathLike | None = None,
-                      *, device: str | torch.device | None = None, out: str | os.PathLike | None = None) -> dict:
-    """The JSON evaluation record (format in notes/CONTEXT.md) that `atomdistill report` reads.
+def evaluation_record(synset: SyntheticSet, results: dict, protocol: EvalProtocol | Mapping[str, Any] | None,
+                      path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+                      out: str | os.PathLike | None = None) -> dict:
+    """The JSON evaluation record that `atomdistill report` reads (format: docs/evaluation.md,
+    "The evaluation record").
 
-    `path`: where the set was loaded from (None for the full training set); `protocol`: the
-    options evaluate() ran with (missing ones get evaluate()'s defaults); `out`: also write it there."""
-    protocol = dict(protocol)
-    device = resolve_device(device or protocol.pop("device", None) or "auto")
-    protocol.pop("device", None)
-    full = {"runs": 3, "epochs": 300, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256,
-            "dsa": DEFAULT_DSA, "seed": 0}
-    full.update(protocol)
+    ``{"set": {path, dataset, method, ipc, num_classes, iterations, seed}, "protocol": every
+    EvalProtocol field, "results": {model: {mean, std, accs, seconds}}, "hardware": hardware()}``.
+    `path`: where the set was loaded from (None for the full training set); `protocol`: what
+    evaluate() ran with (an EvalProtocol, or a mapping of the fields that differ from the
+    defaults); `device`: where it ran; `out`: also write the record there."""
     is_full = synset.method == "full"
     iterations = synset.info.get("iterations_done", synset.config.get("iterations"))
     record = {
@@ -203,14 +252,23 @@ def evaluation_record(synset: SyntheticSet, results: dict, protocol: dict, path:
                 "ipc": None if is_full else synset.ipc, "num_classes": synset.num_classes,
                 "iterations": None if iterations is None else int(iterations),
                 "seed": synset.config.get("seed")},
-        "protocol": full,
-        "results": {m: {"mean": float(r["mean"]), "std": float(r["std"]), "accs": [float(a) for a in r["accs"]],
-                        "seconds": float(r["seconds"])} for m, r in results.items()},
-        "hardware": hardware(device),
+        "protocol": EvalProtocol.of(protocol).to_dict(),
+        "results": {m: _record_result(r) for m, r in results.items()},
+        "hardware": hardware(resolve_device(device or "auto")),
     }
     if out is not None:
         write_json(out, record)
     return record
+
+
+def _record_result(r: dict) -> dict:
+    """One model's entry of a record: floats, None for a diverged run (JSON has no NaN)."""
+    def num(x):
+        return None if x is None or not np.isfinite(x) else float(x)
+
+    accs = [num(a) for a in r["accs"]]
+    return {"mean": num(r["mean"]), "std": num(r["std"]), "accs": accs,
+            "diverged": int(r.get("diverged", sum(a is None for a in accs))), "seconds": float(r["seconds"])}
 
 
 def hardware(device: str | torch.device = "cpu") -> dict:
@@ -235,6 +293,20 @@ def cpu_name() -> str:
 
 
 # ---- training -----------------------------------------------------------------------------
+class DivergedAccuracy(float):
+    """The test accuracy of a run whose weights became non-finite: its outputs are NaN, so the
+    accuracy is an artefact (chance level or the share of one class), not a measurement."""
+
+
+def _finite_runs(tensors, runs: int) -> torch.Tensor:
+    """[runs] bool: whether all of each network's float tensors (stacked on dim 0) are finite."""
+    ok = torch.ones(runs, dtype=torch.bool)
+    for t in tensors:
+        if t.is_floating_point():
+            ok &= torch.isfinite(t.detach()).reshape(runs, -1).all(1).cpu()
+    return ok
+
+
 @dataclasses.dataclass
 class _Spec:
     name: str
@@ -242,23 +314,23 @@ class _Spec:
     channels: int
     num_classes: int
     image_size: int
+    precision: str = "fp32"
 
 
 def _fresh_model(spec: _Spec, seed: int, run: int, device: torch.device) -> torch.nn.Module:
     """Run `run`'s initial network: built on the CPU under its own seed, whatever else is running."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(seed, _EVAL_NET, run))
+    with seeded(seed, Stream.EVAL_NET, run):
         net = build_model(spec.name, spec.channels, spec.num_classes, spec.image_size, **spec.kwargs)
     return net.to(device).train()
 
 
 def _shuffle(n: int, seed: int, run: int, epoch: int, device: torch.device) -> torch.Tensor:
-    return torch.randperm(n, generator=generator(seed, _EVAL_SHUFFLE, run, epoch)).to(device)
+    return torch.randperm(n, generator=generator(seed, Stream.EVAL_SHUFFLE, run, epoch)).to(device)
 
 
 def _draws(aug: DSA, n: int, seed: int, run: int, step: int) -> DSAParams:
     """One family for the whole batch (reference mode 'S'), each image its own parameters."""
-    g = generator(seed, _EVAL_DSA, run, step)
+    g = generator(seed, Stream.EVAL_DSA, run, step)
     family = int(torch.randint(len(aug.families), (1,), generator=g))
     return aug.sample(n, g, families=torch.full((n,), family, dtype=torch.long))
 
@@ -278,42 +350,57 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(labels.shape[:2]).mean(1).sum()
 
 
-def _sgd(params, lr: float, opt: dict) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+def _sgd(params: list[torch.Tensor], lr: float, protocol: EvalProtocol) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay)
 
 
-def _train_one(spec, ids, images, labels, test_images, test_labels, epochs, batch_size, aug, seed, device,
-               opt, bar) -> list[float]:
-    """The plain reference loop, one network at a time."""
-    (run,) = ids
-    net = _fresh_model(spec, seed, run, device)
-    lr = opt["lr"]
-    optimizer = _sgd(net.parameters(), lr, opt)
-    n, step = len(images), 0
-    for ep in range(epochs + 1):
-        for idx in _shuffle(n, seed, run, ep, device).split(batch_size):
-            x = images[idx]
-            if aug is not None:
-                x = aug.apply(x, _draws(aug, len(idx), seed, run, step).to(device))
-            loss = _loss(net(x).unsqueeze(0), labels[idx].unsqueeze(0))
+def _fit(params: list[torch.Tensor], protocol: EvalProtocol, batches: Callable[[int], Iterable],
+         batch_loss: Callable[[Any, int], torch.Tensor], bar) -> None:
+    """The reference schedule: passes 0..epochs over `batches(epoch)`, one SGD step per batch on
+    `batch_loss(batch, step)`; after pass epochs // 2 + 1 the lr drops x0.1 with a new optimiser."""
+    lr = protocol.lr
+    optimizer = _sgd(params, lr, protocol)
+    step = 0
+    for ep in range(protocol.epochs + 1):
+        for batch in batches(ep):
+            loss = batch_loss(batch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-        if ep == epochs // 2 + 1:   # the reference decays once, with a new optimiser
+        if ep == protocol.epochs // 2 + 1:   # the reference decays once, with a new optimiser
             lr *= 0.1
-            optimizer = _sgd(net.parameters(), lr, opt)
+            optimizer = _sgd(params, lr, protocol)
         bar.update(1)
+
+
+def _train_one(spec, ids, images, labels, test_images, test_labels, protocol, aug, device, bar) -> list[float]:
+    """The plain reference loop, one network at a time."""
+    (run,) = ids
+    seed = protocol.seed
+    net = _fresh_model(spec, seed, run, device)
+
+    def batch_loss(idx, step):
+        x = images[idx]
+        if aug is not None:
+            x = aug.apply(x, _draws(aug, len(idx), seed, run, step).to(device))
+        with autocast(device, spec.precision):
+            logits = net(x)
+        return _loss(logits.float().unsqueeze(0), labels[idx].unsqueeze(0))
+
+    _fit(list(net.parameters()), protocol,
+         lambda ep: _shuffle(len(images), seed, run, ep, device).split(protocol.batch_size), batch_loss, bar)
     net.eval()
-    with torch.no_grad():
+    with torch.inference_mode(), autocast(device, spec.precision):
         correct = sum(int((net(x).argmax(1) == y).sum())
                       for x, y in zip(test_images.split(TEST_CHUNK), test_labels.split(TEST_CHUNK)))
-    return [correct / len(test_labels)]
+    finite = bool(_finite_runs([t.unsqueeze(0) for t in (*net.parameters(), *net.buffers())], 1)[0])
+    return [correct / len(test_labels) if finite else DivergedAccuracy(correct / len(test_labels))]
 
 
-def _train_group(spec, ids, images, labels, test_images, test_labels, epochs, batch_size, aug, seed, device,
-                 opt, bar) -> list[float]:
+def _train_group(spec, ids, images, labels, test_images, test_labels, protocol, aug, device, bar) -> list[float]:
     """All networks of `ids` at once: stacked parameters, one vmapped forward and backward per step."""
+    seed = protocol.seed
     nets = [_fresh_model(spec, seed, run, device) for run in ids]
     params, buffers = stack_module_state(nets)
     # A stateless skeleton to call with the stacked tensors; on 'meta' so it holds no memory.
@@ -325,33 +412,29 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, epochs, ba
 
     forward_all = vmap(forward)                              # x [R, B, ...]: each network its own batch
     forward_shared = vmap(forward, in_dims=(0, 0, None))     # x [B, ...]: one batch for all (test)
-    r, n, lr = len(ids), len(images), opt["lr"]
-    optimizer = _sgd(params.values(), lr, opt)
-    step = 0
-    skeleton.train()
-    for ep in range(epochs + 1):
-        perms = torch.stack([_shuffle(n, seed, run, ep, device) for run in ids])   # [R, N]
-        for start in range(0, n, batch_size):
-            idx = perms[:, start:start + batch_size]                                  # [R, b]
-            b = idx.shape[1]
-            x = images[idx.flatten()]
-            if aug is not None:
-                draws = _cat_params([_draws(aug, b, seed, run, step) for run in ids])
-                x = aug.apply(x, draws.to(device))
+    r = len(ids)
+
+    def batches(ep):   # [R, b] index blocks: each network its own shuffle
+        perms = torch.stack([_shuffle(len(images), seed, run, ep, device) for run in ids])
+        return perms.split(protocol.batch_size, dim=1)
+
+    def batch_loss(idx, step):
+        b = idx.shape[1]
+        x = images[idx.flatten()]
+        if aug is not None:
+            x = aug.apply(x, _cat_params([_draws(aug, b, seed, run, step) for run in ids]).to(device))
+        with autocast(device, spec.precision):
             logits = forward_all(params, buffers, x.view(r, b, *x.shape[1:]))
-            loss = _loss(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        if ep == epochs // 2 + 1:   # the reference decays once, with a new optimiser
-            lr *= 0.1
-            optimizer = _sgd(params.values(), lr, opt)
-        bar.update(1)
+        return _loss(logits.float(), labels[idx])
+
+    skeleton.train()
+    _fit(list(params.values()), protocol, batches, batch_loss, bar)
     skeleton.eval()
     correct = torch.zeros(r, dtype=torch.long, device=device)
     chunk = max(1, TEST_CHUNK // r)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, spec.precision):
         for x, y in zip(test_images.split(chunk), test_labels.split(chunk)):
             correct += (forward_shared(params, buffers, x).argmax(-1) == y).sum(1)
-    return [c / len(test_labels) for c in correct.tolist()]
+    finite = _finite_runs([*params.values(), *buffers.values()], r).tolist()
+    return [c / len(test_labels) if ok else DivergedAccuracy(c / len(test_labels))
+            for c, ok in zip(correct.tolist(), finite)]

@@ -464,22 +464,21 @@ def random_real_with_soft_labels(synset: SyntheticSet, data: ImageDataset, seed:
                         soft_labels=class_means[picked.labels])
 
 
-def label_controls(synset: SyntheticSet, data: ImageDataset, evaluate: Callable, *, seed: int = 0,
-                   **kwargs) -> list[dict]:
+def label_controls(synset: SyntheticSet, data: ImageDataset, evaluate: Callable[[SyntheticSet], dict], *,
+                   seed: int = 0) -> list[dict]:
     """Beside a soft-label set's score: (a) the same images with hard (argmax) labels, (b) a random
-    real subset of the same IPC with the set's class-mean soft labels; `evaluate` runs each like
-    the set itself (same models, runs, epochs, seed)."""
+    real subset of the same IPC with the set's class-mean soft labels (drawn with `seed`);
+    `evaluate(set)` runs each exactly like the set itself (same models and protocol)."""
     if synset.soft_labels is None:
         return []
     hard = dataclasses.replace(synset, soft_labels=None, method=f"{synset.method} hard labels")
     real = random_real_with_soft_labels(synset, data, seed)
     return [{"control": "hard labels", "method": hard.method,
-             "description": "the same images trained on their argmax labels",
-             "results": evaluate(hard, data, seed=seed, **kwargs)},
+             "description": "the same images trained on their argmax labels", "results": evaluate(hard)},
             {"control": "random real + soft labels", "method": real.method,
              "description": f"{real.ipc} random real images per class (seed {seed}), each with its class's mean "
                             "soft label in the set (no teacher)",
-             "results": evaluate(real, data, seed=seed, **kwargs)}]
+             "results": evaluate(real)}]
 
 
 def annotate_record(record: dict, synset: SyntheticSet, controls: list[dict]) -> dict:

@@ -1,29 +1,123 @@
-"""Atomic file writes: a result on disk is either the old one or the new one, never half of each."""
+"""Files: atomic writes (a result on disk is either the old one or the new one, never half of
+each), checks that an output location is writable before the work that fills it, content
+checksums, and an exclusive lock on a folder that one process writes."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import AtomDistillError
+
+try:   # POSIX; elsewhere folders are not locked (see FolderLock)
+    import fcntl
+except ImportError:   # pragma: no cover - Windows
+    fcntl = None
+
+LOCK_NAME = ".atomdistill.lock"
+TMP_SUFFIX = ".tmp"
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A write that fails for want of space or permission (or because part of the path is a file)
+    raises an AtomDistillError naming the path; the previous file, if any, is left untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if _is_write_failure(e):
+            raise AtomDistillError(f"cannot write {path}: {_write_failure_reason(e, path)}") from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _is_write_failure(e: Exception) -> bool:
+    # safetensors reports a failed write as SafetensorError ("No space left on device ...").
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def _write_failure_reason(e: Exception, path: Path) -> str:
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code == errno.ENOSPC or "No space left" in text:
+        return "the disk is full; free some space and run the command again (earlier files are intact)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the location is not writable (permission denied or read-only); choose another output path"
+    if code in (errno.ENOTDIR, errno.EEXIST) or isinstance(e, (NotADirectoryError, FileExistsError)):
+        blocker = _file_in_the_way(path)
+        return (f"{blocker} is a file, not a folder" if blocker else "part of the path is a file") + \
+            "; choose another output path"
+    return f"{e.strerror if getattr(e, 'strerror', None) else text}; check the output path"
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest ancestor of `path` (or path's parent itself) that exists and is not a folder."""
+    parent = Path(path).parent.absolute()
+    for folder in [*reversed(parent.parents), parent]:
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Raise an AtomDistillError now if `path` (a file, or a folder if `folder`) could not be
+    written later: part of it is a file, it is of the wrong kind, or its nearest existing folder
+    is not writable. Creates nothing (a probe file is made and removed)."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise AtomDistillError(f"{path} is a file, not a folder; choose another output folder")
+        if not folder and path.is_dir():
+            raise AtomDistillError(f"{path} is a folder, not a file; choose another output file name")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AtomDistillError(f"cannot write {path}: {existing} is a file, not a folder; choose another output path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".atomdistill-probe.", suffix=TMP_SUFFIX, dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AtomDistillError(f"cannot write {path}: {_write_failure_reason(e, path)}") from None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete the temporary files that killed atomic writes of `names` left in `folder`.
+
+    Only call it while holding the folder's lock: a live writer's temporary looks the same."""
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for tmp in folder.glob(f".{name}.*{TMP_SUFFIX}"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def is_leftover(path: Path) -> bool:
+    """A lock file or an interrupted atomic write: not a result, and harmless to ignore."""
+    return path.name == LOCK_NAME or (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -46,3 +140,103 @@ def hash_tensors(*tensors) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def content_checksum(tensors: dict, meta: dict) -> str:
+    """A checksum of a file's content: every tensor (name, dtype, shape, bytes) and the metadata
+    in canonical JSON (without its own 'checksum' entry). Stored in the metadata on save and
+    compared on load, so a flipped byte or an edited value is found instead of used."""
+    import torch
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())   # as bytes: any dtype, NaN included
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    h.update(json.dumps(rest, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---- locking ----------------------------------------------------------------------------------
+class FolderLock:
+    """An exclusive lock on a folder, held by one process from acquire() until release() or its end.
+
+    It is an flock on `folder/.atomdistill.lock`: the kernel drops it when the process ends in
+    any way (kill -9 included), so a stale lock never blocks anyone. The file names the holder
+    (pid and host) for the message a second writer gets. On systems without flock (Windows)
+    nothing is locked. Two FolderLocks of one folder exclude each other even in one process."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+        self._created = False
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "FolderLock":
+        if self._fd is not None or fcntl is None:
+            return self
+        check_writable(self.folder, folder=True)
+        self._created = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AtomDistillError(f"cannot write {self.folder}: {_write_failure_reason(e, self.folder)}") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise AtomDistillError(
+                    f"{self.what} {self.folder} is in use by another atomdistill process ({self._holder()}); "
+                    "wait for it to finish, stop it, or choose another folder") from None
+            # The holder removes the file when it releases: if that happened between our open
+            # and flock, we hold a lock on a removed file; take the new one instead.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "pid unknown"
+        except OSError:
+            return "pid unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)   # still ours: unlink before unlocking, so no one locks a removed file
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        if self._created:   # a folder made only to hold the lock goes again if nothing was written in it
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)

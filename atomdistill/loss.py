@@ -1,4 +1,4 @@
-"""The matching loss of ATOM and the methods it extends (METHOD.md section 3).
+"""The matching loss of ATOM and the methods it extends (docs/method.md, "The loss").
 
 One parameterised loss: spatial attention, channel attention and final-layer (linear-kernel
 MMD) terms. DM, DataDAM, channel-only and ATOM differ only in their `LossWeights`.
@@ -65,20 +65,12 @@ def abs_pow(f: torch.Tensor, power: float) -> torch.Tensor:
     p = float(power)
     if p >= 2 and p.is_integer() and int(p) & (int(p) - 1) == 0:
         out = f.square()
+        # Without a graph (the real images) the later squarings reuse the first result's memory.
+        in_place = not (torch.is_grad_enabled() and f.requires_grad)
         for _ in range(int(p).bit_length() - 2):
-            out = out.square()
+            out = out.square_() if in_place else out.square()
         return out
     return f.abs().pow(p)
-
-
-def spatial_attention(f: torch.Tensor, power: float) -> torch.Tensor:
-    """a_s(f) = sum_c |f_c|^p, flattened to [B, H*W] and L2-normalised per image."""
-    return F.normalize(abs_pow(f, power).sum(dim=1).flatten(1), dim=1)
-
-
-def channel_attention(f: torch.Tensor, power: float) -> torch.Tensor:
-    """a_c(f) = sum_{h,w} |f_{:,h,w}|^p, [B, C], L2-normalised per image."""
-    return F.normalize(abs_pow(f, power).flatten(2).sum(dim=2), dim=1)
 
 
 class MatchingLoss:
@@ -101,7 +93,11 @@ class MatchingLoss:
         return [activations[i - 1] for i in self.weights.layers]
 
     def vectors(self, activations: list[torch.Tensor], embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One [B, D] vector per active term. Layers are concatenated: ||[a;b]||^2 sums over layers."""
+        """One [B, D] vector per active term. Layers are concatenated: ||[a;b]||^2 sums over layers.
+
+        spatial: a_s(f) = sum_c |f_c|^p, flattened to [B, H*W] and L2-normalised per image;
+        channel: a_c(f) = sum_{h,w} |f_{:,h,w}|^p, [B, C], L2-normalised per image;
+        mmd: the final embedding (a linear-kernel MMD between class means)."""
         out = {}
         if "spatial" in self.term_weights or "channel" in self.term_weights:
             # |f|^p once per layer, shared by both attention maps.

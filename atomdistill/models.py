@@ -190,12 +190,12 @@ def _norm(kind: str, c: int, h: int, w: int) -> nn.Module | None:
     return None
 
 
-def _act(kind: str) -> nn.Module:
+def _act(kind: str, inplace: bool = False) -> nn.Module:
     if kind == "relu":
-        return nn.ReLU()
+        return nn.ReLU(inplace=inplace)
     if kind == "sigmoid":
         return nn.Sigmoid()
-    return nn.LeakyReLU(negative_slope=0.01)
+    return nn.LeakyReLU(negative_slope=0.01, inplace=inplace)
 
 
 def _conv_block(c_in: int, c_out: int, size: int, *, kernel: int = 3, padding: int = 1, norm: str = "none",
@@ -206,7 +206,9 @@ def _conv_block(c_in: int, c_out: int, size: int, *, kernel: int = 3, padding: i
     n = _norm(norm, c_out, size, size)
     if n is not None:
         layers.append(n)
-    layers.append(_act(act))
+    # In place: the activation overwrites the conv/norm output, which no backward needs (conv and
+    # norm backward read their inputs), so a block holds one activation-sized tensor, not two.
+    layers.append(_act(act, inplace=True))
     post = None
     if pool != "none":
         post = Pool2x2(pool)
@@ -274,10 +276,6 @@ class _FeatureNet(nn.Module):
     def features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """(activations of blocks 1..L-1 before pooling, embedding [B, embed_dim])."""
         return self._run(x, True)
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Embedding only (what DM matches), without keeping the intermediate activations."""
-        return self._run(x, False)[1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self._run(x, False)[1])

@@ -1,4 +1,4 @@
-"""Neural architecture search with a proxy set (METHOD.md section 8).
+"""Neural architecture search with a proxy set (docs/evaluation.md, "Neural architecture search").
 
 The DC/DM/DataDAM protocol: train every ConvNet of a search space on a small *proxy* (a
 distilled set, a random real subset of the same size, or the whole data trained for only a few
@@ -42,7 +42,7 @@ and to the ground-truth cache; running the same search again skips what is done.
 options than those recorded raise ConfigError naming them (``overwrite=True`` starts afresh).
 
 Across processes (``group``, a distributed.ProcessGroup; ``torchrun ... -m atomdistill nas``): the
-candidates not yet done are dealt in rounds of one per rank, round-robin in candidate order, for
+candidates not yet done are dealt (``ProcessGroup.deal``) in rounds of one per rank, round-robin in candidate order, for
 the proxy and for the whole-data trainings alike. Every candidate's training draws only from
 (seed, run), never from which rank or in what order it runs, so the results equal one process's.
 After each round the results are gathered on every rank and rank 0, the only one that reads or
@@ -57,21 +57,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .data import ImageDataset
-from .distill import resolve_device
+from .distributed import LocalGroup, ProcessGroup
 from .errors import ConfigError
+from .evaluate import DEFAULT_DSA, EvalProtocol, check_compatible, train_and_test
 from .io import hash_json, hash_tensors, write_json, write_text
 from .models import _ACT_ALIASES, _NORM_ALIASES, _POOL_ALIASES, build_model
 from .synset import SyntheticSet
-
-if TYPE_CHECKING:
-    from .distributed import ProcessGroup
 
 KEYS = ("depth", "width", "act", "norm", "pool")
 DEFAULTS = {"depth": 3, "width": 128, "act": "relu", "norm": "instance", "pool": "avg"}   # ConvNet
@@ -81,7 +79,7 @@ SPACES: dict[str, dict[str, list]] = {
     "small": {"depth": [2, 3], "width": [32, 64], "act": ["relu", "sigmoid"],
               "norm": ["instance", "batch", "none"], "pool": ["avg"]},
 }
-DEFAULT_EPOCHS = 300        # proxy epochs for a set (the evaluation default)
+DEFAULT_EPOCHS = EvalProtocol.epochs   # proxy epochs for a set (the evaluation default)
 DEFAULT_FULL_PROXY_EPOCHS = 2   # proxy 'full': early-stopped whole data
 DEFAULT_FULL_EPOCHS = 20    # whole-data ground truth
 TOP_FRACTION = 0.2
@@ -142,17 +140,13 @@ def parse_grid_option(text: str) -> tuple[str, list[str]]:
 
 
 def load_grid_file(path: str | os.PathLike) -> dict:
-    """A grid from a JSON file (or YAML, when PyYAML is installed)."""
+    """A grid from a JSON or YAML file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no search-space file at {path}; pass 'small', 'paper' or a JSON/YAML grid file")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml, "
-                              "or write the grid as JSON") from None
+        import yaml   # a declared dependency
         try:
             grid = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -233,30 +227,30 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 # ---- the search ---------------------------------------------------------------------------
 TrainFn = Callable[..., list]
+# Part of the ground-truth cache key: the training the cached accuracies were made with.
+_TRUTH_PROTOCOL = "evaluate.train_and_test defaults (SGD 0.01, momentum 0.9, wd 5e-4, batch 256)"
 
 
 def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str, space: str | os.PathLike | dict = "small",
            *, grid: dict | Sequence[str] | None = None, epochs: int | None = None,
            full_epochs: int = DEFAULT_FULL_EPOCHS, runs: int = 1, full_runs: int = 1, ipc: int | None = None,
-           seed: int = 0, dsa: str | None = "color_crop_cutout_flip_scale_rotate", device: str | torch.device = "auto",
+           seed: int = 0, dsa: str | None = DEFAULT_DSA, device: str | torch.device = "auto",
            batched: bool | str = "auto", out_dir: str | os.PathLike | None = None,
            cache_dir: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
            overwrite: bool = False, progress: bool = True, train_fn: TrainFn | None = None,
-           group: "ProcessGroup | None" = None) -> dict:
+           group: ProcessGroup | None = None) -> dict:
     """Rank every candidate of ``space`` by training on ``proxy`` and on the whole data.
 
     ``proxy``: a SyntheticSet or its path; ``'random'`` (``ipc`` random real images per class,
     baselines.select_coreset, ZCA on CIFAR like a distilled set) or ``'full'`` (the whole training
     set, early-stopped at ``epochs``). ``epochs`` defaults to 300 for a set, 2 for 'full'.
+    ``dsa``: the evaluation's DSA strategy, or None / "none".
     ``train_fn``: replaces evaluate.train_and_test (same call), e.g. in tests.
     ``group``: a distributed.ProcessGroup to deal the candidates over (its device replaces ``device``).
     Returns the summary written to ``out_dir/nas.json`` (also nas.md, nas.png, candidates.json);
     with a group, on every rank."""
-    from .evaluate import DEFAULT_DSA, check_compatible, train_and_test
-
     if dsa == "none":
         dsa = None
-    train_fn = train_fn or train_and_test
     data = _load(dataset, data_root)
     kind = proxy if isinstance(proxy, str) and proxy in ("random", "full") else "set"
     if epochs is None:
@@ -267,42 +261,74 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     for what, v in (("runs", runs), ("full_runs", full_runs)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{what} must be an integer >= 1; got {v!r}")
-    dev = group.device if group is not None else resolve_device(device)
-    # File reads and writes happen on rank 0 alone; every rank gets their result (or error).
-    on_main = group.on_main if group is not None else (lambda fn, *a, **k: fn(*a, **k))
-    rank, world = (group.rank, group.world_size) if group is not None else (0, 1)
+    # Files are read and written on rank 0 alone (group.on_main); every rank gets the result or the error.
+    group = group if group is not None else LocalGroup(device)
+    images, labels, test_images, proxy_id, label = _proxy(proxy, kind, data, ipc, seed, epochs)
+    storage = {"images": int(len(images)), "bytes": int(images.numel() * 4),
+               "note": "float32 images in the model-input space, as stored"}
+    grid_used, space_name, cands, skipped = _space(space, grid, data)
 
-    # The proxy, its test images (in its own space: ZCA if it has one) and what identifies it.
+    ds_id = data.identity()
+    options = {"dataset": ds_id, "proxy": proxy_id, "grid": grid_used, "epochs": epochs, "runs": runs,
+               "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa}
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"nas-{_safe(data.name)}-{label}"
+    record_path = out_dir / "candidates.json"
+    done = group.on_main(_open_record, record_path, options, overwrite)
+    gt_key = {"dataset": ds_id, "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa,
+              "protocol": _TRUTH_PROTOCOL}
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_path = cache_dir / f"{_safe(data.name)}-{hash_json(gt_key)}.json"
+    truth = group.on_main(_open_cache, cache_path, gt_key)
+
+    trainer = _Trainer(cands, group, train_fn or train_and_test, progress,
+                       dict(progress=False, batched=batched, num_classes=data.num_classes))
+    trainer.run(done, record_path, images, labels, test_images, data.test_labels,
+                EvalProtocol(runs=runs, epochs=epochs, seed=seed, dsa=dsa), f"proxy {label} ({epochs} ep)")
+    trainer.run(truth, cache_path, data.train_images, data.train_labels, data.test_images, data.test_labels,
+                EvalProtocol(runs=full_runs, epochs=full_epochs, seed=seed, dsa=dsa), f"whole data ({full_epochs} ep)")
+
+    summary = summarise(cands, done["candidates"], truth["candidates"])
+    path = str(proxy) if kind == "set" and not isinstance(proxy, SyntheticSet) else None
+    result = {"dataset": data.name, "proxy": {**proxy_id, "path": path, "label": label, "storage": storage},
+              "space": {"name": space_name, "grid": grid_used, "candidates": len(cands), "skipped": skipped},
+              "options": {k: v for k, v in options.items() if k not in ("dataset", "proxy", "grid")},
+              "device": group.device.type, "out_dir": str(out_dir), "cache": str(cache_path), **summary}
+    group.on_main(_write_outputs, result, out_dir)
+    return result
+
+
+def _proxy(proxy, kind: str, data: ImageDataset, ipc: int | None, seed: int, epochs: int):
+    """The proxy's images and labels, its test images (in its own space: ZCA if it has one), what
+    identifies it and its label."""
     if kind == "full":
         if ipc is not None:
             raise ConfigError("--ipc applies to the 'random' proxy only; the 'full' proxy is the whole training set")
-        images, labels, test_images = data.train_images, data.train_labels, data.test_images
-        proxy_id = {"kind": "full", "method": "full", "ipc": None}
-        label = f"full-e{epochs}"
+        return (data.train_images, data.train_labels, data.test_images, {"kind": "full", "method": "full", "ipc": None},
+                f"full-e{epochs}")
+    if kind == "random":
+        if ipc is None:
+            raise ConfigError("the 'random' proxy needs --ipc (images per class; use the distilled set's)")
+        from .baselines import select_coreset
+        synset = select_coreset(data, ipc, "random", seed=seed, device="cpu")
     else:
-        if kind == "random":
-            if ipc is None:
-                raise ConfigError("the 'random' proxy needs --ipc (images per class; use the distilled set's)")
-            from .baselines import select_coreset
-            synset = select_coreset(data, ipc, "random", seed=seed, device="cpu")
-        else:
-            if ipc is not None:
-                raise ConfigError("--ipc applies to the 'random' proxy only; a synthetic set has its own size")
-            synset = proxy if isinstance(proxy, SyntheticSet) else SyntheticSet.load(proxy)
-            check_compatible(synset, data)
-        images, labels, test_images = synset.images, synset.labels, synset.prepare_real(data.test_images)
-        # Identified by its content, not its path: the same set moved or named otherwise resumes.
-        proxy_id = {"kind": kind, "method": synset.method or "set", "ipc": synset.ipc,
-                    "hash": hash_tensors(images, labels)}
-        label = f"{proxy_id['method']}-ipc{synset.ipc}"
-    storage = {"images": int(len(images)), "bytes": int(images.numel() * 4),
-               "note": "float32 images in the model-input space, as stored"}
+        if ipc is not None:
+            raise ConfigError("--ipc applies to the 'random' proxy only; a synthetic set has its own size")
+        synset = proxy if isinstance(proxy, SyntheticSet) else SyntheticSet.load(proxy)
+        check_compatible(synset, data)
+    # Identified by its content, not its path: the same set moved or named otherwise resumes.
+    proxy_id = {"kind": kind, "method": synset.method or "set", "ipc": synset.ipc,
+                "hash": hash_tensors(synset.images, synset.labels)}
+    return (synset.images, synset.labels, synset.prepare_real(data.test_images), proxy_id,
+            f"{proxy_id['method']}-ipc{synset.ipc}")
 
+
+def _space(space, grid, data: ImageDataset) -> tuple[dict, str, list[dict], list[dict]]:
+    """The grid, its name, the candidates that fit the data and the ones skipped (with why)."""
     grid_used = resolve_space(space, grid)
-    space_name = ("custom" if isinstance(space, dict) else str(space) if str(space) in SPACES else Path(space).name)
+    name = ("custom" if isinstance(space, dict) else str(space) if str(space) in SPACES else Path(space).name)
     if grid:   # name what replaced the space's options
         over = grid if isinstance(grid, dict) else dict(parse_grid_option(g) for g in grid)
-        space_name += " with " + "; ".join(f"{k}={','.join(map(str, grid_used[k]))}" for k in KEYS if k in over)
+        name += " with " + "; ".join(f"{k}={','.join(map(str, grid_used[k]))}" for k in KEYS if k in over)
     cands, skipped = [], []
     for cfg in candidates(grid_used):
         why = check_candidate(cfg, data.channels, data.num_classes, data.image_size)
@@ -310,68 +336,41 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     if not cands:
         raise ConfigError(f"no candidate of the space fits {data.image_size}px images ({skipped[0]['reason']}); "
                           "choose a smaller depth or pool 'none'")
+    return grid_used, name, cands, skipped
 
-    ds_id = data.identity()
-    dsa_name = dsa if isinstance(dsa, str) or dsa is None else DEFAULT_DSA
-    options = {"dataset": ds_id, "proxy": proxy_id, "grid": grid_used, "epochs": epochs, "runs": runs,
-               "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name}
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"nas-{_safe(data.name)}-{label}"
-    record_path = out_dir / "candidates.json"
-    done = on_main(_open_record, record_path, options, overwrite)
 
-    gt_key = {"dataset": ds_id, "full_epochs": full_epochs, "full_runs": full_runs, "seed": seed, "dsa": dsa_name,
-              "protocol": "evaluate.train_and_test defaults (SGD 0.01, momentum 0.9, wd 5e-4, batch 256)"}
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_path = cache_dir / f"{_safe(data.name)}-{hash_json(gt_key)}.json"
-    truth = on_main(_open_cache, cache_path, gt_key)
+class _Trainer:
+    """Trains the candidates not yet in a record, dealt over the group, recording each round at once."""
 
-    common = dict(seed=seed, device=dev, progress=False, batched=batched, num_classes=data.num_classes, dsa=dsa)
+    def __init__(self, cands: list[dict], group: ProcessGroup | LocalGroup, train_fn: TrainFn, progress: bool, options: dict):
+        self.cands, self.group, self.train_fn, self.progress, self.options = cands, group, train_fn, progress, options
 
-    def run_all(todo_store: dict, path: Path, record: dict, x, y, xt, n_runs: int, n_epochs: int, what: str):
-        todo = [c for c in cands if candidate_name(c) not in todo_store]
+    def run(self, record: dict, path: Path, x, y, xt, yt, protocol: EvalProtocol, what: str):
+        todo = [c for c in self.cands if candidate_name(c) not in record["candidates"]]
         if not todo:
             return
+        dev, world = self.group.device, self.group.world_size
         x, y = x.to(dev, torch.float32), y.to(dev, torch.long)
-        xt, yt = xt.to(dev, torch.float32), data.test_labels.to(dev, torch.long)
-        bar = tqdm(total=len(todo), desc=what, unit="net", disable=not (progress and rank == 0),
-                   dynamic_ncols=True)
+        xt, yt = xt.to(dev, torch.float32), yt.to(dev, torch.long)
 
-        def train(cfg: dict | None) -> dict:
-            if cfg is None:   # the last round has fewer candidates than ranks
-                return {}
+        def train(cfg: dict) -> dict:
             t0 = time.perf_counter()
-            accs = [float(a) for a in train_fn(x, y, xt, yt, "convnet", n_runs, n_epochs, model_kwargs=dict(cfg),
-                                               **common)]
+            accs = [float(a) for a in self.train_fn(x, y, xt, yt, "convnet", protocol, model_kwargs=dict(cfg),
+                                                    device=dev, **self.options)]
             return {candidate_name(cfg): {"config": cfg, "acc": float(np.mean(accs)), "accs": accs,
                                           "seconds": time.perf_counter() - t0}}
 
-        for start in range(0, len(todo), world):   # one candidate per rank per round
-            round_ = todo[start:start + world]
-            bar.set_postfix_str(", ".join(map(candidate_name, round_)))
-            mine = round_[rank] if rank < len(round_) else None
-            if group is None:
-                todo_store.update(train(mine))
-            else:   # a rank's failure reaches every rank here instead of as a hang
-                own = group.agree(train, mine)
-                for share in group.all_gather_object(own, f"gathering the {what} results"):
-                    todo_store.update(share)
-            on_main(write_json, path, record)   # at once: an interruption loses at most this round
+        bar = tqdm(total=len(todo), desc=what, unit="net", disable=not (self.progress and self.group.main),
+                   dynamic_ncols=True)
+        trained = 0
+        bar.set_postfix_str(", ".join(map(candidate_name, todo[:world])))   # what trains now, one per rank
+        for round_, results in self.group.deal(todo, train, f"gathering the {what} results"):
+            record["candidates"].update(results)
+            self.group.on_main(write_json, path, record)   # at once: an interruption loses at most this round
+            trained += len(round_)
             bar.update(len(round_))
+            bar.set_postfix_str(", ".join(map(candidate_name, todo[trained:trained + world])))
         bar.close()
-
-    run_all(done["candidates"], record_path, done, images, labels, test_images, runs, epochs,
-            f"proxy {label} ({epochs} ep)")
-    run_all(truth["candidates"], cache_path, truth, data.train_images, data.train_labels, data.test_images,
-            full_runs, full_epochs, f"whole data ({full_epochs} ep)")
-
-    summary = summarise(cands, done["candidates"], truth["candidates"])
-    path = str(proxy) if kind == "set" and not isinstance(proxy, SyntheticSet) else None
-    result = {"dataset": data.name, "proxy": {**proxy_id, "path": path, "label": label, "storage": storage},
-              "space": {"name": space_name, "grid": grid_used, "candidates": len(cands), "skipped": skipped},
-              "options": {k: v for k, v in options.items() if k not in ("dataset", "proxy", "grid")},
-              "device": dev.type, "out_dir": str(out_dir), "cache": str(cache_path), **summary}
-    on_main(_write_outputs, result, out_dir)
-    return result
 
 
 def _write_outputs(result: dict, out_dir: Path) -> None:

@@ -31,8 +31,11 @@ def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") 
         ax = axes[0][1]
         for model in evals[0]["eval"]:
             its = [h["iteration"] for h in evals]
-            mean = [100 * h["eval"][model]["mean"] for h in evals]
-            std = [100 * h["eval"][model]["std"] for h in evals]
+            # None (every evaluation run diverged) is a gap in the curve, not a number
+            mean = [100 * h["eval"][model]["mean"] if h["eval"][model]["mean"] is not None else float("nan")
+                    for h in evals]
+            std = [100 * h["eval"][model]["std"] if h["eval"][model]["std"] is not None else float("nan")
+                   for h in evals]
             ax.errorbar(its, mean, yerr=std, marker="o", capsize=3, label=model)
         ax.set_xlabel("iteration")
         ax.set_ylabel("test accuracy %")

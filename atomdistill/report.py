@@ -70,7 +70,11 @@ def _method_key(method: str):
 def _cell(result: dict | None) -> str:
     if result is None:
         return DASH
-    return f"{100 * result['mean']:.1f} ± {100 * result['std']:.1f}"
+    diverged, runs = result.get("diverged") or 0, len(result.get("accs") or [])
+    if result["mean"] is None:   # every run diverged: there is no accuracy to show
+        return f"diverged ({runs} of {runs} runs)" if runs else "diverged"
+    text = f"{100 * result['mean']:.1f} ± {100 * result['std']:.1f}"
+    return text + (f" ({diverged} of {runs} runs diverged)" if diverged else "")
 
 
 def _rows(rec: dict):
@@ -149,7 +153,9 @@ def markdown_table(records: list[dict]) -> str:
             row = [meth] + [_cell(cells.get((meth, ipc, m))) for ipc, m in columns]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines.append("Test accuracy in %, mean ± std over evaluation runs.")
+    lines.append("Test accuracy in %, mean ± std over evaluation runs (runs whose training diverged are left "
+                 "out and counted)." if any(r.get("diverged") for t in table.values() for r in t.values())
+                 else "Test accuracy in %, mean ± std over evaluation runs.")
     if dups:
         keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m} "
                          f"({len(src)} records, shown: {src[-1]})" for (ds, meth, ipc, m), src in dups.items())
@@ -195,7 +201,8 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
     for ax, model in zip(axes[:, 0], models):
         labelled, top = set(), 1.0
         for gi, (ds, ipc) in enumerate(groups):
-            present = [m for m in methods if (m, ipc, model) in table[ds]]
+            present = [m for m in methods if (m, ipc, model) in table[ds]
+                       and table[ds][(m, ipc, model)]["mean"] is not None]   # no bar for all-diverged
             for bi, meth in enumerate(present):
                 r = table[ds][(meth, ipc, model)]
                 x = gi - 0.4 + width * (bi + 0.5) + (len(methods) - len(present)) * width / 2

@@ -1,4 +1,6 @@
-"""Process-level settings for speed on CPU.
+"""Where and how the work runs: the device, and process-level settings for speed on CPU.
+
+resolve_device turns "auto", "cpu", "cuda", "cuda:1" into a torch.device, or a clear error.
 
 glibc serves allocations above 32 MB (one activation tensor of a 64-image chunk at 32x32) with
 fresh mmap'd pages and returns them on free, so every such tensor pays page faults again: an
@@ -6,13 +8,20 @@ elementwise op on it ran 5-8x slower than on reused memory (torch 2.14, 2 cores)
 memory in the heap removes that cost; PyTorch's CPU tuning guide reaches the same end by
 preloading jemalloc or tcmalloc. The command line calls this once at start; library users may
 call it themselves. Set ATOMDISTILL_KEEP_MALLOC=1 to leave the allocator alone.
+
+Also the precision option: bf16 autocast for the forward passes, where asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+
+import torch
+
+from .errors import ConfigError
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
@@ -28,3 +37,52 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
                 and mallopt(_M_TOP_PAD, 64 << 20))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto": a CUDA GPU when one is visible, else the CPU; otherwise the device named."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+# ---- lower precision (an option, never the default) -----------------------------------------
+PRECISIONS = ("fp32", "bf16")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")   # instructions that compute bf16 natively on x86
+_warned: set[str] = set()
+
+
+def check_precision(precision: str, device=None) -> str:
+    """Validate `precision`; for bf16 on a `device` that is a CPU without native bf16 instructions
+    print one warning line (it works, emulated, and runs slower than fp32). Returns `precision`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "bf16" and device is not None and torch.device(device).type == "cpu" and "bf16-cpu" not in _warned:
+        flags = cpu_flags()
+        if flags is not None and not any(f in flags for f in _BF16_CPU_FLAGS):
+            _warned.add("bf16-cpu")
+            print(f"atomdistill: warning: precision bf16 on a CPU without {' or '.join(_BF16_CPU_FLAGS)}: "
+                  "bf16 is emulated there and runs slower than fp32", file=sys.stderr)
+    return precision
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's instruction-set flags from /proc/cpuinfo (None where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def autocast(device, precision: str):
+    """The context the forward passes run in: bf16 autocast for 'bf16', nothing for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(getattr(device, "type", str(device)).split(":")[0], dtype=torch.bfloat16)

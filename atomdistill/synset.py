@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save_file
 
 from .errors import AtomDistillError
-from .io import atomic_path
+from .io import atomic_path, content_checksum
 from .zca import ZCA
 
 FORMAT_VERSION = 1
@@ -127,6 +129,8 @@ class SyntheticSet:
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {"images": self.images.detach().float().cpu().contiguous(),
                    "labels": self.labels.detach().long().cpu().contiguous()}
+        if not torch.isfinite(tensors["images"]).all():   # load() refuses such a set: never write one
+            raise AtomDistillError(f"cannot save {path}: some of the set's pixels are NaN or infinite")
         if self.zca is not None:
             tensors.update({f"zca.{k}": v.cpu().contiguous() for k, v in self.zca.state_dict().items()})
         if self.soft_labels is not None:
@@ -134,6 +138,8 @@ class SyntheticSet:
         meta = {"format": "atomdistill.SyntheticSet", "version": FORMAT_VERSION,
                 "class_names": self.class_names, "mean": list(self.mean), "std": list(self.std),
                 "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info}
+        meta = json.loads(json.dumps(meta))   # the form load() will see (tuples become lists)
+        meta["checksum"] = content_checksum(tensors, meta)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"atomdistill": json.dumps(meta)})
         return Path(path)
@@ -146,21 +152,85 @@ class SyntheticSet:
         if not path.exists():
             raise AtomDistillError(f"no synthetic set at {path}: pass a .safetensors file written by "
                                    "`atomdistill distill` or `atomdistill baseline`, or its run folder")
-        try:
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("atomdistill", "null"))
-            tensors = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-            raise AtomDistillError(f"{path} is not a readable synthetic set ({e}); re-create it") from None
-        if not meta or meta.get("format") != "atomdistill.SyntheticSet":
+        meta, tensors = read_safetensors(path, "synthetic set", "re-create it")
+        if not isinstance(meta, dict) or meta.get("format") != "atomdistill.SyntheticSet":
             raise AtomDistillError(f"{path} is a safetensors file but not an atomdistill synthetic set")
-        zca_state = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
-        return cls(images=tensors["images"], labels=tensors["labels"], class_names=meta["class_names"],
-                   mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+        check_set_content(meta, tensors, path)
+        zca_state = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("zca.")}
+        return cls(images=tensors["images"].to(device), labels=tensors["labels"].to(device),
+                   class_names=meta["class_names"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                    zca=ZCA.from_state_dict(zca_state) if zca_state else None,
-                   dataset=meta["dataset"], method=meta["method"], config=meta["config"], info=meta["info"],
-                   soft_labels=tensors.get("soft_labels"))
+                   dataset=meta.get("dataset", ""), method=meta.get("method", ""), config=meta.get("config", {}),
+                   info=meta.get("info", {}),
+                   soft_labels=tensors["soft_labels"].to(device) if "soft_labels" in tensors else None)
+
+
+def read_safetensors(path: Path, what: str, fix: str) -> tuple:
+    """(metadata 'atomdistill' JSON, tensors on the CPU) of a safetensors file; an AtomDistillError
+    naming `what` and `fix` if it cannot be read (truncated, not safetensors, bad JSON).
+
+    The file is read into memory once: safetensors' load_file maps it instead, and a mapped tensor
+    changes (or faults) if the file is later rewritten in place."""
+    try:
+        raw = path.read_bytes()
+        tensors = tensors_from_bytes(raw)   # validates the header (offsets, sizes, dtypes)
+        (size,) = struct.unpack("<Q", raw[:8])
+        text = (json.loads(raw[8:8 + size]).get("__metadata__") or {}).get("atomdistill")
+        meta = None if text is None else json.loads(text)
+    except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError, struct.error, AttributeError,
+            TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AtomDistillError(f"{path} is not a readable {what} ({reason}); {fix}") from None
+    return meta, tensors
+
+
+def check_set_content(meta: dict, tensors: dict, path) -> None:
+    """AtomDistillError (one line) unless a loaded set is whole and consistent: the checksum
+    matches (sets saved before it existed have none), required entries exist with the right
+    types and shapes, labels lie within the classes and pixels are finite."""
+    def bad(what: str):
+        raise AtomDistillError(f"{path} is a damaged synthetic set ({what}); re-create it")
+
+    if "checksum" in meta and meta["checksum"] != content_checksum(tensors, meta):
+        bad("its content does not match its checksum")
+    missing = [k for k in ("images", "labels") if k not in tensors] + \
+              [k for k in ("class_names", "mean", "std") if k not in meta]
+    if missing:
+        bad(f"missing {', '.join(missing)}")
+    names, mean, std = meta["class_names"], meta["mean"], meta["std"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        bad("class_names is not a non-empty list of names")
+    for key, kind in (("dataset", str), ("method", str), ("config", dict), ("info", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            bad(f"{key} is not a {kind.__name__}")
+    images, labels = tensors["images"], tensors["labels"]
+    if images.dim() != 4 or not images.is_floating_point() or images.shape[0] == 0 \
+            or images.shape[2] != images.shape[3]:
+        bad(f"images are {images.dtype} of shape {tuple(images.shape)}, not float [N>0, C, H, H]")
+    channels = images.shape[1]
+    for key, values in (("mean", mean), ("std", std)):
+        if not (isinstance(values, list) and len(values) == channels
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)):
+            bad(f"{key} is not a list of {channels} finite numbers, one per channel")
+    if any(v <= 0 for v in std):
+        bad("std has a value <= 0")
+    if labels.dim() != 1 or labels.dtype != torch.int64 or labels.shape[0] != images.shape[0]:
+        bad(f"labels are {labels.dtype} of shape {tuple(labels.shape)}, not int64 [{images.shape[0]}]")
+    if labels.min() < 0 or labels.max() >= len(names):
+        bad(f"labels outside 0..{len(names) - 1}")
+    if not torch.isfinite(images).all():
+        bad("some pixels are NaN or infinite")
+    zca = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
+    if zca:
+        dim = images[0].numel()
+        shapes = {"mean": (dim,), "transform": (dim, dim), "inverse_transform": (dim, dim)}
+        wrong = [k for k, shape in shapes.items() if k not in zca or tuple(zca[k].shape) != shape
+                 or not zca[k].is_floating_point()]
+        if wrong:
+            bad(f"its ZCA {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} missing or not shaped for "
+                f"{dim}-value images")
+        if not all(torch.isfinite(t).all() for t in zca.values()):
+            bad("its ZCA holds NaN or infinite values")
 
 
 def _safe_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""ZCA whitening (METHOD.md section 6), in the kornia ``ZCAWhitening(eps=0.1)`` convention.
+"""ZCA whitening (docs/method.md, "ZCA whitening"), in the kornia ``ZCAWhitening(eps=0.1)`` convention.
 
 kornia's ``zca_mean`` uses the unbiased covariance ``(X - mu)^T (X - mu) / (N - 1)``, decomposes it
 as ``U diag(S) U^T`` and builds ``T = U diag(1/sqrt(S + eps)) U^T`` (and ``U diag(sqrt(S + eps)) U^T``

@@ -1,9 +1,9 @@
-"""The ablation that sets the `atom` preset's [open] constants (METHOD.md section 3).
+"""The ablation that sets the `atom` preset's open constants (docs/method.md, "The ablation").
 
     python bench/ablation.py --data-root data                 # IPC 1, P1 budget, one change at a time
     python bench/ablation.py --data-root data --ipc 10 --seeds 0 1 2
 
-Starting from a fixed base point, METHOD.md's starting values (w_s 1, w_c 1, lambda 0.01, p 4,
+Starting from a fixed base point, the preset's values before the ablation (w_s 1, w_c 1, lambda 0.01, p 4,
 all intermediate layers; pinned here, so the table does not move when the preset does), each
 variant changes one constant: the weight of channel against spatial attention,
 the power p, lambda, and which layers enter. Every variant is distilled and evaluated exactly
@@ -12,7 +12,7 @@ Siamese DSA, no ZCA, 64 real images per class, 300 iterations at IPC 1 / 200 at 
 3 ConvNets x 300 epochs), through the same command-line steps, and finished steps are skipped
 on a re-run. Several --seeds distil several sets per variant: accuracy is then mean ± std over
 every (seed, model), and the table gives the std over seeds too, since the run-to-run spread
-of one method is larger than the spread over evaluation models (BENCHMARKS.md).
+of one method is larger than the spread over evaluation models (docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -3,12 +3,19 @@
     python bench/distill_speed.py --data-root DIR                 # CIFAR-10, IPC 1 10 50, every preset
     python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 10 --iterations 15
     python bench/distill_speed.py --dataset digits                # the embedded set, no download
+    python bench/distill_speed.py --data-root DIR --batch-real 64 --baseline main   # today's code beside main's
 
 Each (method, IPC) runs in its own process so that its peak memory is its own: peak RSS of
 that process on the CPU, peak allocated memory on a GPU. s/iter is the median over the
 iterations after the first `--warmup` (network build, data sampling, DSA, forward, backward,
 step: everything of one iteration, nothing else). The hardware line names CPU, threads and
 torch version; compare rows only within one run.
+
+`--baseline REF` also times the package as it was at git revision REF (bench/baseline.py), side
+by side: per (method, IPC), `--rounds` rounds of one process of today's code then one of REF's
+(A, B, A, B, ...), so that load on a shared machine hits both alike; s/iter is the median over
+all their timed iterations, peak memory the largest of their processes, and new/base the ratio
+of the s/iter medians. `--precision bf16` times today's code under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from atomdistill.evaluate import cpu_name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from atomdistill.evaluate import cpu_name  # noqa: E402
 
 
 def measure(args) -> dict:
@@ -30,14 +39,22 @@ def measure(args) -> dict:
 
     from atomdistill.runtime import tune_cpu_allocator
     tune_cpu_allocator()   # as the command line does
+    import importlib
+
     from atomdistill.data import load_dataset
-    from atomdistill.distill import DistillConfig, Distiller
+    if args.one_code == "base":
+        import baseline
+        distill = importlib.import_module(baseline.load(args.baseline).__name__ + ".distill")
+        extra = {}
+    else:
+        distill = importlib.import_module("atomdistill.distill")
+        extra = {"precision": args.precision}
 
     data = load_dataset(args.dataset, args.data_root)
-    cfg = DistillConfig(dataset=args.dataset, ipc=args.one_ipc, method=args.one_method, batch_real=args.batch_real,
-                        zca=args.zca, device=args.device, iterations=args.iterations, seed=0,
-                        real_chunk=args.real_chunk)
-    d = Distiller(cfg, data=data, progress=False)
+    cfg = distill.DistillConfig(dataset=args.dataset, ipc=args.one_ipc, method=args.one_method,
+                                batch_real=args.batch_real, zca=args.zca, device=args.device,
+                                iterations=args.iterations, seed=0, real_chunk=args.real_chunk, net=args.net, **extra)
+    d = distill.Distiller(cfg, data=data, progress=False)
     device = d.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -60,7 +77,7 @@ def measure(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kB -> GB
         mem = f"{peak:.2f} GB RSS"
     return {"method": args.one_method, "ipc": args.one_ipc, "s_per_iter": statistics.median(times[args.warmup:]),
-            "peak_gb": peak, "memory": mem, "device": str(device)}
+            "times": times[args.warmup:], "peak_gb": peak, "memory": mem, "device": str(device)}
 
 
 def main():
@@ -75,9 +92,14 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--zca", action="store_true", help="whiten (the default for CIFAR distillation; off in P1)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--net", default=None, help="distillation network (default convnet)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="today's code's precision")
+    p.add_argument("--baseline", default=None, help="git revision to time beside today's code (A, B, A, B ...)")
+    p.add_argument("--rounds", type=int, default=2, help="with --baseline: processes per code, alternating")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one-method", help=argparse.SUPPRESS)
     p.add_argument("--one-ipc", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--one-code", default="new", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one_method:
         print(json.dumps(measure(args)))
@@ -86,21 +108,43 @@ def main():
     import torch
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() and args.device != 'cpu' else ''}")
-    print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, "
-          f"median of iterations {args.warmup}..{args.iterations - 1}\n")
-    print("| method | IPC | s/iter | peak memory |\n|---|---|---|---|")
+    import baseline
+    codes = ["new"] + (["base"] if args.baseline else [])
+    names = {"new": f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else ""),
+             "base": f"base {baseline.revision(args.baseline)}" if args.baseline else ""}
+    print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, net {args.net or 'convnet'}, "
+          f"median of iterations {args.warmup}..{args.iterations - 1}"
+          + (f" of {args.rounds} processes per code, alternating" if args.baseline else "")
+          + f"; load average at start {os.getloadavg()[0]:.2f}\n")
+    print("| method | IPC | code | s/iter | peak memory |" + (" new/base |" if args.baseline else "")
+          + "\n|---|---|---|---|---|" + ("---|" if args.baseline else ""))
     rows = []
     for ipc in args.ipc:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--one-method", method, "--one-ipc", str(ipc)] + [
-                a for a in sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if out.returncode != 0:
-                print(f"| {method} | {ipc} | failed: {out.stderr.strip().splitlines()[-1]} | |")
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"| {method} | {ipc} | {row['s_per_iter']:.3f} | {row['memory']} |", flush=True)
+            got = {c: [] for c in codes}
+            for _ in range(args.rounds if args.baseline else 1):
+                for code in codes:
+                    cmd = [sys.executable, __file__, "--one-method", method, "--one-ipc", str(ipc),
+                           "--one-code", code] + sys.argv[1:]
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                    if out.returncode != 0:
+                        print(f"| {method} | {ipc} | {names[code]} | failed: {out.stderr.strip().splitlines()[-1]} | |")
+                        continue
+                    got[code].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            med = {}
+            for code in codes:
+                if not got[code]:
+                    continue
+                times = [t for r in got[code] for t in r["times"]]
+                peak = max(got[code], key=lambda r: r["peak_gb"])
+                row = {**peak, "code": names[code], "s_per_iter": statistics.median(times), "times": times}
+                med[code] = row["s_per_iter"]
+                rows.append(row)
+                ratio = (f" {med['new'] / med['base']:.2f} |" if code == "base" and "new" in med else " |") \
+                    if args.baseline else ""
+                print(f"| {method} | {ipc} | {names[code]} | {row['s_per_iter']:.3f} | {row['memory']} |{ratio}",
+                      flush=True)
+    print(f"\n# load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -49,7 +49,7 @@ def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     weights = {v: json.loads((out / f"{v}-seed0" / "config.json").read_text())["weights"] for v in ("base", "channel_4")}
-    # The base point is METHOD.md's starting values whatever the atom preset is; a variant changes one constant.
+    # The base point is the preset's pre-ablation values whatever the atom preset is; a variant changes one constant.
     assert {k: weights["base"][k] for k in ("spatial", "channel", "mmd", "power")} == \
         {"spatial": 1, "channel": 1, "mmd": 0.01, "power": 4}
     assert {k for k in weights["base"] if weights["base"][k] != weights["channel_4"][k]} == {"channel"}

@@ -78,3 +78,26 @@ def test_baseline_writes_a_set(tmp_path, capsys):
     assert main(["baseline", "random", "--ipc", "2", "--out", str(out)]) == 0
     s = SyntheticSet.load(out)
     assert s.method == "random" and len(s) == 20 and out.with_suffix(".png").exists()
+
+
+def test_resume_applies_or_refuses_every_option_it_is_given(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["distill", "--ipc", "1", "--iterations", "2", "--batch-real", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    for extra in (["--lr", "5"], ["--ipc", "2"], ["--dataset", "cifar10"], ["--no-zca", "--seed", "4"]):
+        assert main(["distill", "--resume", str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and extra[-2 if extra[-2].startswith("--") else -1].split()[0] in err
+        assert "would change the set" in err and "--iterations" in err
+    for extra in (["--out", str(tmp_path / "x")], ["--overwrite"]):
+        assert main(["distill", "--resume", str(run), *extra]) == 2
+        assert f"{extra[0]} does not go with --resume" in capsys.readouterr().err
+    # the same values as the run's, and options that change only how it runs: applied, and said so
+    assert main(["distill", "--resume", str(run), "--ipc", "1", "--iterations", "3", "--eval-every", "3",
+                 "--eval-epochs", "0", "--eval-runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run} with --ipc 1 --iterations 3 --eval-every 3 --eval-runs 1 --eval-epochs 0" in out
+    s = SyntheticSet.load(run)
+    assert s.info["iterations_done"] == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in row for row in rows)

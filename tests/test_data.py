@@ -416,6 +416,20 @@ def test_unknown_name():
     assert "cifar10" in list_datasets() and "digits" in list_datasets()
 
 
+def test_the_table_of_datasets_answers_without_loading(tmp_path):
+    from atomdistill.data import DATASETS, count_classes, dataset_spec, zca_by_default
+    assert list_datasets() == list(DATASETS)
+    assert count_classes("digits") == 10 and count_classes("cifar100") == 100 and count_classes("tiny-imagenet") == 200
+    assert dataset_spec("CIFAR-10").name == "cifar10" and dataset_spec("default").name == "digits"
+    assert zca_by_default("cifar10") and zca_by_default("cifar-100")   # aliases too, as ATOM whitened CIFAR
+    assert not zca_by_default("digits") and not zca_by_default("tinyimagenet") and not zca_by_default("toy")
+    for name in ("a", "b", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert count_classes(f"folder:{tmp_path}") == 3
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        count_classes("imagenet-99")
+
+
 def test_class_indices_cached_and_describe():
     ds = load_dataset("digits")
     idx = ds.class_indices()

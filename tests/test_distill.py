@@ -82,6 +82,21 @@ def test_resume_by_folder_name_and_extend(tmp_path):
     assert torch.equal(extended.images, straight.images)
 
 
+def test_resume_applies_execution_options_and_refuses_the_others(tmp_path):
+    run = tmp_path / "r"
+    distill("digits", ipc=1, out=run, iterations=2, batch_real=4, checkpoint_every=1, progress=False)
+    for option, value in (("lr", 5.0), ("seed", 9), ("batch_real", 8), ("method", "dm"), ("layers", (1,))):
+        with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} .*would change the set"):
+            resume(run, progress=False, **{option: value})
+    # equal to the saved values: nothing changes, so nothing is refused; execution options are applied
+    extended = resume(run, iterations=3, lr=1.0, batch_real=4, seed=0, log_every=1, progress=False)
+    assert extended.info["iterations_done"] == 3
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["iterations"] == 3 and saved["log_every"] == 1   # a later plain resume keeps them
+    with pytest.raises(ConfigError, match="unknown option"):
+        resume(run, learning_rate=2, progress=False)
+
+
 def test_existing_run_folder_is_never_overwritten_silently(tmp_path, toy):
     distill(toy, ipc=1, out=tmp_path / "r", **FAST)
     before = (tmp_path / "r" / "synset.safetensors").read_bytes()

@@ -1,17 +1,19 @@
 import dataclasses
+import importlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import atomdistill.evaluate as ev
 from atomdistill.errors import ConfigError
-from atomdistill.evaluate import evaluate, evaluation_record, full_training_set, train_and_test
+from atomdistill.evaluate import EvalProtocol, evaluate, evaluation_record, full_training_set, train_and_test
 from atomdistill.synset import SyntheticSet
 from atomdistill.zca import ZCA
 
 from conftest import make_dataset
+
+ev = importlib.import_module("atomdistill.evaluate")   # the module (atomdistill.evaluate is the function)
 
 SMALL = {"width": 16}   # a narrow ConvNet keeps the tests fast
 
@@ -36,16 +38,17 @@ def as_set(data, **kw) -> SyntheticSet:
     return SyntheticSet(**args)
 
 
-def run(data, model="convnet", runs=2, epochs=6, **kw):
+def run(data, model="convnet", runs=2, epochs=6, seed=0, batch_size=256, **kw):
     kw.setdefault("model_kwargs", SMALL)
+    protocol = EvalProtocol(runs=runs, epochs=epochs, seed=seed, batch_size=batch_size)
     return train_and_test(data.train_images, data.train_labels, data.test_images, data.test_labels, model,
-                          runs, epochs, progress=False, **kw)
+                          protocol, progress=False, **kw)
 
 
 def test_learns_separable_toy_well_above_chance(data):
     res = evaluate(as_set(data), data, models=["convnet"], runs=2, epochs=8, progress=False)
     r = res["convnet"]
-    assert set(r) == {"mean", "std", "accs", "seconds"}
+    assert set(r) == {"mean", "std", "accs", "diverged", "seconds"} and r["diverged"] == 0
     assert len(r["accs"]) == 2 and r["seconds"] > 0
     assert r["mean"] > 0.8, r            # chance is 1/3
     assert r["std"] == pytest.approx(float(np.std(r["accs"])))
@@ -166,3 +169,25 @@ def test_full_training_set_and_record(data, tmp_path):
     rec = evaluation_record(as_set(data, config={"seed": 7, "iterations": 100}), results, {}, path="x.safetensors")
     assert rec["set"]["ipc"] == 8 and rec["set"]["iterations"] == 100 and rec["set"]["seed"] == 7
     assert rec["set"]["path"] == "x.safetensors" and rec["set"]["num_classes"] == 3
+
+
+def test_one_protocol_everywhere(data, tmp_path):
+    from atomdistill import DistillConfig
+    from atomdistill.cli import build_parser
+    defaults = EvalProtocol()
+    assert (DistillConfig().eval_runs, DistillConfig().eval_epochs) == (defaults.runs, defaults.epochs)
+    args = build_parser().parse_args(["evaluate", "x"])
+    assert (args.runs, args.epochs, args.seed) == (defaults.runs, defaults.epochs, defaults.seed)
+    # keywords and an EvalProtocol are the same call
+    p = EvalProtocol(runs=1, epochs=2, seed=3, batch_size=8)
+    a = evaluate(as_set(data), data, protocol=p, progress=False)
+    assert a["convnet"]["accs"] == evaluate(as_set(data), data, runs=1, epochs=2, seed=3, batch_size=8,
+                                            progress=False)["convnet"]["accs"]
+    # the record carries every field of the protocol
+    rec = evaluation_record(as_set(data), a, p)
+    assert rec["protocol"] == dataclasses.asdict(p) and set(rec["protocol"]) == {
+        f.name for f in dataclasses.fields(EvalProtocol)}
+    with pytest.raises(ConfigError, match="unknown evaluation option"):
+        evaluate(as_set(data), data, learning_rate=0.1, progress=False)
+    with pytest.raises(ConfigError, match="runs >= 1"):
+        EvalProtocol(runs=0)

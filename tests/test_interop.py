@@ -12,7 +12,7 @@ from atomdistill.cli import main
 from atomdistill.data import load_dataset
 from atomdistill.distill import distill
 from atomdistill.errors import AtomDistillError
-from atomdistill.evaluate import _loss, evaluate, train_and_test
+from atomdistill.evaluate import EvalProtocol, _loss, evaluate, train_and_test
 from atomdistill.interop import export_set, import_set, load_tensors, read_labels
 from atomdistill.zca import ZCA
 
@@ -192,7 +192,8 @@ def test_soft_loss_is_the_soft_cross_entropy_and_one_hot_equals_hard():
 
 def test_one_hot_soft_labels_train_like_hard_labels(digits):
     s = real_set(digits, ipc=2)
-    kw = dict(model_name="convnet", runs=1, epochs=2, seed=1, progress=False, model_kwargs={"width": 16})
+    kw = dict(model_name="convnet", protocol=EvalProtocol(runs=1, epochs=2, seed=1), progress=False,
+              model_kwargs={"width": 16})
     hard = train_and_test(s.images, s.labels, digits.test_images, digits.test_labels, **kw)
     soft = train_and_test(s.images, torch.nn.functional.one_hot(s.labels, 10).float(), digits.test_images,
                           digits.test_labels, **kw)

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from atomdistill.errors import ConfigError
-from atomdistill.loss import (PRESETS, ClassMeans, LossWeights, MatchingLoss, channel_attention, loss_weights,
-                              spatial_attention)
+from atomdistill.loss import PRESETS, ClassMeans, LossWeights, MatchingLoss, loss_weights
 
 
 def _direct_loss(w: LossWeights, real_acts, real_emb, real_y, syn_acts, syn_emb, syn_y, K):
-    """The formula of METHOD.md section 3, written with loops over classes, layers and images."""
+    """The formula of docs/method.md ("The loss"), written with loops over classes, layers and images."""
     total = {"spatial": 0.0, "channel": 0.0, "mmd": 0.0}
     layers = range(len(real_acts)) if w.layers is None else [i - 1 for i in w.layers]
     for k in range(K):
@@ -73,12 +72,15 @@ def test_chunked_real_means_equal_one_pass():
 
 def test_attention_maps_are_unit_vectors_of_the_right_size():
     f = torch.randn(5, 4, 6, 7)
-    s, c = spatial_attention(f, 4.0), channel_attention(f, 4.0)
+    v = MatchingLoss(LossWeights(spatial=1, channel=1, mmd=0, power=4.0)).vectors([f], torch.zeros(5, 1))
+    s, c = v["spatial"], v["channel"]
     assert s.shape == (5, 42) and c.shape == (5, 4)
     assert torch.allclose(s.norm(dim=1), torch.ones(5)) and torch.allclose(c.norm(dim=1), torch.ones(5))
-    # the spatial map is a sum over channels of |f|^p: check one entry
+    # the spatial map is a sum over channels of |f|^p, the channel map a sum over positions: check one image
     a = (f[0].abs() ** 4).sum(0).flatten()
     assert torch.allclose(s[0], a / a.norm())
+    a = (f[0].abs() ** 4).flatten(1).sum(1)
+    assert torch.allclose(c[0], a / a.norm())
 
 
 def test_gradient_reaches_synthetic_pixels_only():

@@ -28,7 +28,7 @@ class FakeTrain:
     def __init__(self, proxy=lambda s: s / 2, fail_after=None):
         self.calls, self.proxy_calls, self.proxy, self.fail_after = 0, 0, proxy, fail_after
 
-    def __call__(self, images, labels, test_images, test_labels, model, runs, epochs, *, model_kwargs, **kw):
+    def __call__(self, images, labels, test_images, test_labels, model, protocol, *, model_kwargs, **kw):
         assert model == "convnet" and kw["num_classes"] == 3
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt   # as a user's Ctrl-C
@@ -36,7 +36,7 @@ class FakeTrain:
         is_proxy = len(images) < 36     # the toy's whole training set has 36 images
         self.proxy_calls += is_proxy
         s = score(model_kwargs)
-        return [self.proxy(s) if is_proxy else s] * runs
+        return [self.proxy(s) if is_proxy else s] * protocol.runs
 
 
 def tiny_set(data, ipc=2):
@@ -193,7 +193,6 @@ def test_grid_from_json_file_and_cli_strings(tmp_path):
 
 
 def test_grid_from_yaml_file(tmp_path):
-    pytest.importorskip("yaml")
     path = tmp_path / "grid.yaml"
     path.write_text("depth: [1, 2]\nwidth: [32]\n")
     assert resolve_space(str(path))["depth"] == [1, 2]

@@ -1,3 +1,5 @@
+import errno
+
 import numpy as np
 import pytest
 import torch
@@ -83,10 +85,10 @@ def test_save_is_atomic_an_existing_file_survives_a_failed_write(tmp_path, monke
     def broken(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(synset_module, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(AtomDistillError, match="disk is full"):
         _set().save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]

@@ -1,0 +1,75 @@
+"""The repository's documentation stands on its own: nothing points outside it, every link resolves."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Files a clone of the repository does not have (the project's working notes live outside it).
+OUTSIDE = ("../shared", "shared/docs", "METHOD.md", "BENCHMARKS.md", "notes/CONTEXT.md")
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def scanned_files():
+    files = [ROOT / "README.md"]
+    for folder in ("docs", "atomdistill", "bench"):
+        files += sorted(p for p in (ROOT / folder).rglob("*") if p.suffix in (".md", ".py", ".txt", ".toml", ".yaml"))
+    return files
+
+
+def markdown_files():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def prose_lines(path: Path):
+    """(line number, line) outside fenced code blocks."""
+    fenced = False
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield n, line
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    for _, line in prose_lines(path):
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        out.add(slug if count == 0 else f"{slug}-{count}")
+    return out
+
+
+def test_docs_exist():
+    for name in ("method.md", "evaluation.md", "benchmarks.md", "distributed.md"):
+        assert (ROOT / "docs" / name).is_file(), name
+
+
+@pytest.mark.parametrize("path", scanned_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_points_outside_the_repository(path):
+    text = path.read_text(encoding="utf-8")
+    found = [(n, s) for n, line in enumerate(text.splitlines(), 1) for s in OUTSIDE if s in line]
+    assert not found, f"{path.relative_to(ROOT)} refers to files outside the repository: {found}"
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    broken = []
+    for n, line in prose_lines(path):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):   # http:, https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            dest = (path.parent / file_part).resolve() if file_part else path
+            if not dest.exists():
+                broken.append(f"line {n}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"line {n}: {target} (no heading #{anchor} in {dest.name})")
+    assert not broken, f"{path.relative_to(ROOT)}: " + "; ".join(broken)
