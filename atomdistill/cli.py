@@ -140,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoded", action="store_true",
                    help="show the images training sees (a multi-formation set's decoded tiles), not the stored ones")
 
+    p = sub.add_parser("import", help="a set from another tool's file (DC/DM/DataDAM .pt, MTT tensors, image folder)")
+    p.add_argument("file", help="the file (dc), folder or images_best.pt (mtt), or class-folder root (folder)")
+    p.add_argument("--format", required=True, help="dc (DC/DSA/DM/DataDAM result .pt), mtt (images_best.pt + "
+                                                    "labels_best.pt) or folder (DIR/<class>/*.png)")
+    _add_data_args(p, default=None)
+    p.add_argument("--zca", dest="zca", action="store_true", default=None,
+                   help="the stored images are ZCA-whitened (dc, mtt); whiten the images (folder)")
+    p.add_argument("--no-zca", dest="zca", action="store_false")
+    p.add_argument("--index", type=int, default=None, help="experiment of a dc file (default: the last)")
+    p.add_argument("--labels", default=None, help="mtt: the label file (default labels_best.pt beside the images)")
+    p.add_argument("--origin", default=None, help="the code that made it (dc, dsa, dm, datadam, mtt): records "
+                                                   "the network and DSA it evaluates with")
+    p.add_argument("--method", default=None, help="name of the set in tables (default: the origin or format)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+
+    p = sub.add_parser("export", help="write a set in another tool's format (dc, mtt, folder)")
+    p.add_argument("set")
+    p.add_argument("--format", required=True, help="dc, mtt or folder (as for import)")
+    p.add_argument("--out", required=True, help="a .pt file (dc) or a folder (mtt, folder)")
+
     p = sub.add_parser("nas", help="architecture search with a proxy set: does it rank ConvNets like whole data?")
     p.add_argument("--proxy", required=True,
                    help="a synthetic set (.safetensors or run folder), 'random' (with --ipc) or 'full' (early-stopped)")
@@ -252,6 +272,7 @@ def cmd_evaluate(args):
 def _evaluate(args, group):
     from .data import load_dataset
     from .evaluate import evaluate, evaluation_record, format_result, full_training_set
+    from .interop import annotate_record, describe_settings, label_controls, made_for, settings_advice
     from .io import check_writable, write_json
     from .synset import SyntheticSet
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
@@ -270,18 +291,31 @@ def _evaluate(args, group):
         group.on_main(check_writable, out)
     if group is not None:
         evaluate = group.evaluate
-    results = evaluate(synset, data, args.models, protocol, device=args.device,
-                       batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+    def run(s):
+        return evaluate(s, data, args.models, protocol, device=args.device,
+                        batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+    results = run(synset)
+    # a soft-label set: the same images with hard labels, and real images with its soft labels
+    controls = label_controls(synset, data, run, seed=protocol.seed)
     if group is not None and not group.main:
         return
     record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
                                device=args.device)
-    write_json(out, record)
+    write_json(out, annotate_record(record, synset, controls))
     print(f"\n{synset.dataset} {synset.method} ipc={synset.ipc if args.set != 'full' else 'all'}  "
           f"({protocol.runs} runs x {protocol.epochs} epochs)")
     print(f"{'model':12s} {'accuracy %':>16s}  seconds")
     for model, r in results.items():
         print(f"{model:12s} {format_result(r):>16s}  {r['seconds']:7.1f}")
+    for c in controls:
+        print(f"{c['control']}: {c['description']}")
+        for model, r in c["results"].items():
+            print(f"{model:12s} {format_result(r):>16s}  {r['seconds']:7.1f}")
+    settings = made_for(synset)
+    if settings:
+        print(f"made for: {describe_settings(settings)}")
+    for advice in settings_advice(settings, args.models):
+        print(f"note: {advice}")
     print(f"record: {out}")
 
 
@@ -307,6 +341,35 @@ def cmd_show(args):
     print(f"{synset}\ngrid: {synset.save_grid(args.out, decoded=args.decoded)}")
     if args.folder:
         print(f"images: {synset.export_folder(args.folder, decoded=args.decoded)}")
+
+
+def cmd_import(args):
+    from .data import load_dataset
+    from .interop import check_format, import_set
+    check_format(args.format)   # before the dataset loads
+    if args.dataset is None:
+        raise AtomDistillError("import needs --dataset: the dataset the set was made from (its normalisation, "
+                               "classes and test split)")
+    data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
+    result = import_set(args.file, args.format, data, zca=args.zca, index=args.index, origin=args.origin,
+                        method=args.method, labels=args.labels)
+    for line in result.notes:
+        print(line)
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    out = result.synset.save(args.out)
+    print(f"set: {out} ({len(result.synset)} images, IPC {result.synset.ipc}), grid: "
+          f"{result.synset.save_grid(out.with_suffix('.png'))}")
+    net = (result.synset.info["eval_settings"].get("net") or "convnet")
+    print(f"evaluate it:   atomdistill evaluate {out} --dataset {args.dataset}"
+          + (f" --data-root {args.data_root}" if args.data_root else "") + f" --models {net}")
+
+
+def cmd_export(args):
+    from .interop import export_set
+    from .synset import SyntheticSet
+    for line in export_set(SyntheticSet.load(args.set), args.format, args.out):
+        print(line)
 
 
 def cmd_report(args):
@@ -343,7 +406,8 @@ def _nas(args, group):
 
 
 COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "evaluate": cmd_evaluate,
-            "baseline": cmd_baseline, "show": cmd_show, "nas": cmd_nas, "report": cmd_report}
+            "baseline": cmd_baseline, "show": cmd_show, "nas": cmd_nas, "report": cmd_report,
+            "import": cmd_import, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from . import errors
 from .data import ImageDataset, count_classes, load_dataset
 from .distill import DistillConfig, Distiller, RunState, _check_run_dir, check_ipc, has_batch_norm, load_run_config
 from .errors import AtomDistillError, ConfigError, DatasetError
-from .evaluate import EvalProtocol, check_compatible, summarise_runs, train_and_test
+from .evaluate import EvalProtocol, check_compatible, summarise_runs, train_and_test, training_targets
 from .models import build_model
 from .runtime import resolve_device
 from .synset import SyntheticSet
@@ -235,7 +235,7 @@ class ProcessGroup:
         self.agree(check_compatible, synset, dataset)
         if test is None:
             test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
-        return self.evaluate_runs(*synset.decoded(), test[0], test[1], models, protocol,
+        return self.evaluate_runs(synset.decoded()[0], training_targets(synset), test[0], test[1], models, protocol,
                                   num_classes=synset.num_classes, progress=progress, batched=batched,
                                   max_parallel=max_parallel)
 

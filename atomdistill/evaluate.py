@@ -122,8 +122,8 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     if test is None:
         test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
     dev = resolve_device(device)
-    images, labels = synset.decoded()
-    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
+    # A multi-formation set (factor > 1) trains on its decoded images, each with its stored image's target.
+    images, labels = synset.decoded()[0].detach().to(dev, torch.float32), training_targets(synset).to(dev)
     test_images, test_labels = test[0].detach().to(dev, torch.float32), test[1].to(dev, torch.long)
     results = {}
     for name in models:
@@ -133,6 +133,17 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
                               mark_diverged=True)
         results[name] = summarise_runs(accs, time.perf_counter() - t0)
     return results
+
+
+def training_targets(synset: SyntheticSet) -> torch.Tensor:
+    """What the networks are trained towards, one per training image (a multi-formation set's
+    decoded tiles take their stored image's): the set's soft labels (probabilities [N, K]) if it
+    has them, else its hard labels [N]."""
+    if synset.soft_labels is None:
+        return synset.decoded_labels().long()
+    from .interop import check_soft_labels
+    soft = check_soft_labels(synset.soft_labels, len(synset.labels), synset.num_classes, "the set's soft labels")
+    return soft.repeat_interleave(synset.factor ** 2, dim=0) if synset.factor > 1 else soft
 
 
 def summarise_runs(accs: Sequence[float], seconds: float) -> dict:
@@ -197,10 +208,12 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     aug = DSA(protocol.dsa) if protocol.dsa else None
     if aug is not None and not aug.families:
         aug = None
+    soft = labels.is_floating_point()   # soft labels: class probabilities [N, K]
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
-                 int(num_classes) if num_classes is not None else int(labels.max()) + 1, images.shape[-1],
+                 int(num_classes) if num_classes is not None else
+                 (labels.shape[1] if soft else int(labels.max()) + 1), images.shape[-1],
                  check_precision(protocol.precision, dev))
-    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.long)
+    images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.float32 if soft else torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
     group = len(run_ids) if batched else 1
     if max_parallel is not None:
@@ -332,9 +345,13 @@ def _cat_params(params: list[DSAParams]) -> DSAParams:
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over networks of each network's mean cross-entropy (logits [R, B, K], labels [R, B])."""
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    return ce.view(labels.shape).mean(1).sum()
+    """Sum over networks of each network's mean cross-entropy (logits [R, B, K], labels [R, B]).
+
+    Soft labels (probabilities [R, B, K]) get the soft cross-entropy -sum_k p_k log softmax(z)_k,
+    which is KL(p || softmax(z)) plus the labels' constant entropy: the same gradient as KL at T=1."""
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1) if labels.is_floating_point()
+                         else labels.flatten(), reduction="none")
+    return ce.view(labels.shape[:2]).mean(1).sum()
 
 
 def _sgd(params: list[torch.Tensor], lr: float, protocol: EvalProtocol) -> torch.optim.SGD:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import AtomDistillError
+from .interop import describe_settings
 from .io import atomic_path
 
 METHOD_ORDER = ("full", "random", "herding", "kcenter", "dm", "datadam", "channel", "atom")
@@ -76,18 +77,26 @@ def _cell(result: dict | None) -> str:
     return text + (f" ({diverged} of {runs} runs diverged)" if diverged else "")
 
 
+def _rows(rec: dict):
+    """(method, results) of a record: its set, then its label controls (soft-label sets), each a row."""
+    factor = int(rec["set"].get("factor") or 1)
+    suffix = f" (factor {factor})" if factor > 1 else ""   # a multi-formation set: its own row, at its stored IPC
+    yield str(rec["set"]["method"]) + suffix, rec["results"]
+    for control in rec.get("controls") or []:
+        yield str(control["method"]) + suffix, control["results"]
+
+
 def _collect(records: list[dict]):
     """{dataset: {(method, ipc|None, model): result}} keeping the last record per key; duplicates list."""
     table: dict[str, dict] = {}
     sources: dict[tuple, list[str]] = {}
     for rec in records:
-        ds, method = str(rec["set"]["dataset"]), str(rec["set"]["method"])
-        if int(rec["set"].get("factor") or 1) > 1:   # a multi-formation set: its own row, at its stored IPC
-            method += f" (factor {rec['set']['factor']})"
+        ds = str(rec["set"]["dataset"])
         ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
-        for model, result in rec["results"].items():
-            table.setdefault(ds, {})[(method, ipc, model)] = result
-            sources.setdefault((ds, method, ipc, model), []).append(rec.get("_path", "?"))
+        for method, results in _rows(rec):
+            for model, result in results.items():
+                table.setdefault(ds, {})[(method, ipc, model)] = result
+                sources.setdefault((ds, method, ipc, model), []).append(rec.get("_path", "?"))
     dups = {k: v for k, v in sources.items() if len(v) > 1}
     return table, dups
 
@@ -153,6 +162,16 @@ def markdown_table(records: list[dict]) -> str:
         keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m} "
                          f"({len(src)} records, shown: {src[-1]})" for (ds, meth, ipc, m), src in dups.items())
         lines.append(f"Duplicates: several records for the same cell, the last one given is shown: {keys}.")
+    made_for = _distinct(f"{r['set']['method']}: {describe_settings(r['set']['made_for'])}"
+                         for r in records if r["set"].get("made_for"))
+    if made_for:
+        lines.append(f"Made for: {'; '.join(made_for)}.")
+    soft = _distinct(f"{r['set']['method']}: {r['set']['labels'].get('loss', 'soft labels')}"
+                     for r in records if (r["set"].get("labels") or {}).get("kind") == "soft")
+    if soft:
+        lines.append(f"Soft labels, trained with {'; '.join(soft)}; the rows '... hard labels' (the same images, "
+                     "argmax labels) and 'random + ... soft labels' (random real images, the set's class-mean soft "
+                     "labels) show how much of the score the labels carry.")
     protocols = _distinct(_protocol_str(r.get("protocol") or {}) for r in records)
     hardware = _distinct(_hardware_str(r.get("hardware") or {}) for r in records)
     lines.append(f"Protocol: {'; '.join(protocols)}. Hardware: {'; '.join(hardware)}.")

@@ -44,6 +44,7 @@ class SyntheticSet:
     config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)   # e.g. iterations done, final loss, selection embedding
     factor: int = 1                             # multi-formation tiles per side (1: images used as stored)
+    soft_labels: torch.Tensor | None = None    # float32 [N, K] class probabilities (imported sets), trained on
 
     # ---- shape ----------------------------------------------------------------------------
     @property
@@ -77,7 +78,11 @@ class SyntheticSet:
         """(images, labels) to train on: the stored ones, or their f^2 decoded tiles each (factor f)."""
         if self.factor == 1:
             return self.images, self.labels
-        return decode(self.images.detach(), self.factor), decode_labels(self.labels, self.factor)
+        return decode(self.images.detach(), self.factor), self.decoded_labels()
+
+    def decoded_labels(self) -> torch.Tensor:
+        """The label of every training image (decoded tile) without decoding the images."""
+        return decode_labels(self.labels, self.factor)
 
     def to_dataset(self) -> torch.utils.data.TensorDataset:
         """A torch Dataset of (image, label) in the model-input space (the decoded images)."""
@@ -149,6 +154,8 @@ class SyntheticSet:
             raise AtomDistillError(f"cannot save {path}: some of the set's pixels are NaN or infinite")
         if self.zca is not None:
             tensors.update({f"zca.{k}": v.cpu().contiguous() for k, v in self.zca.state_dict().items()})
+        if self.soft_labels is not None:
+            tensors["soft_labels"] = self.soft_labels.detach().float().cpu().contiguous()
         meta = {"format": "atomdistill.SyntheticSet", "version": FORMAT_VERSION,
                 "class_names": self.class_names, "mean": list(self.mean), "std": list(self.std),
                 "dataset": self.dataset, "method": self.method, "config": self.config, "info": self.info,
@@ -177,7 +184,8 @@ class SyntheticSet:
                    zca=ZCA.from_state_dict(zca_state) if zca_state else None,
                    dataset=meta.get("dataset", ""), method=meta.get("method", ""), config=meta.get("config", {}),
                    info=meta.get("info", {}),
-                   factor=_stored_factor(meta, path, tensors["images"].shape[-1]))
+                   factor=_stored_factor(meta, path, tensors["images"].shape[-1]),
+                   soft_labels=tensors["soft_labels"].to(device) if "soft_labels" in tensors else None)
 
 
 def read_safetensors(path: Path, what: str, fix: str) -> tuple:

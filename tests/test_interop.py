@@ -1,0 +1,223 @@
+"""Sets from other tools: files in each format built here, round trips, safety, soft labels."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from atomdistill import SyntheticSet
+from atomdistill.baselines import select_coreset
+from atomdistill.cli import main
+from atomdistill.data import load_dataset
+from atomdistill.distill import distill
+from atomdistill.errors import AtomDistillError
+from atomdistill.evaluate import EvalProtocol, _loss, evaluate, train_and_test
+from atomdistill.interop import export_set, import_set, load_tensors, read_labels
+from atomdistill.zca import ZCA
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_zca(digits):
+    return ZCA.fit(digits.train_images)
+
+
+def real_set(digits, ipc=2, zca=None, seed=0):
+    s = select_coreset(digits, ipc, "random", seed=seed, zca=False)
+    if zca is not None:
+        s.images, s.zca = zca(s.images), zca
+    return s
+
+
+def with_soft_labels(s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(s), s.num_classes, generator=g) + 4 * torch.nn.functional.one_hot(s.labels, s.num_classes)
+    s.soft_labels = torch.softmax(logits, 1)
+    s.labels = s.soft_labels.argmax(1)
+    return s
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+# ---- round trips ----------------------------------------------------------------------------
+@pytest.mark.parametrize("zca", [False, True])
+def test_dc_round_trip_gives_the_same_tensors_and_transform(tmp_path, digits, digits_zca, zca):
+    s = real_set(digits, zca=digits_zca if zca else None)
+    export_set(s, "dc", tmp_path / "res.pt")
+    raw = torch.load(tmp_path / "res.pt", weights_only=True)   # what DC/DM evaluation scripts read
+    assert set(raw) == {"data", "accs_all_exps"} and torch.equal(raw["data"][-1][0], s.images)
+    t = import_set(tmp_path / "res.pt", "dc", digits, zca=zca).synset
+    assert torch.equal(t.images, s.images) and torch.equal(t.labels, s.labels) and t.soft_labels is None
+    assert t.info["eval_settings"]["zca"] is zca and (t.zca is not None) is zca
+    if zca:
+        x = torch.randn(5, 1, 8, 8)
+        assert torch.allclose(t.zca(x), s.zca(x), atol=1e-5)
+        assert torch.allclose(t.to_pixels(), s.to_pixels(), atol=1e-5)
+
+
+def test_mtt_round_trip_keeps_soft_labels_and_lr(tmp_path, digits):
+    s = with_soft_labels(real_set(digits, ipc=3))
+    s.info["eval_settings"] = {"lr": 0.0123, "zca": False}
+    export_set(s, "mtt", tmp_path / "mtt")
+    assert sorted(os.listdir(tmp_path / "mtt")) == ["images_best.pt", "labels_best.pt", "lr_best.pt"]
+    t = import_set(tmp_path / "mtt", "mtt", digits, zca=False).synset
+    assert torch.equal(t.images, s.images) and torch.equal(t.labels, s.labels)
+    assert torch.equal(t.soft_labels, s.soft_labels)
+    assert t.info["eval_settings"]["lr"] == pytest.approx(0.0123) and t.info["soft_labels"]["given_as"] == "probabilities"
+    t.save(tmp_path / "t.safetensors")   # the soft labels are saved with the set
+    assert torch.equal(SyntheticSet.load(tmp_path / "t.safetensors").soft_labels, s.soft_labels)
+    # the images file named directly, hard labels
+    hard = real_set(digits)
+    export_set(hard, "mtt", tmp_path / "hard")
+    t = import_set(tmp_path / "hard" / "images_best.pt", "mtt", digits, zca=False).synset
+    assert torch.equal(t.labels, hard.labels) and t.soft_labels is None
+
+
+def test_learned_logits_become_probabilities(digits):
+    logits = torch.tensor([[3.0, -1.0] + [0.0] * 8, [0.0, 2.0] + [0.5] * 8])
+    hard, soft, given = read_labels(logits, 2, 10, "labels")
+    assert given == "logits" and torch.allclose(soft, torch.softmax(logits, 1)) and hard.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("zca", [False, True])
+def test_folder_round_trip_within_one_grey_level(tmp_path, digits, digits_zca, zca):
+    s = real_set(digits, ipc=3, zca=digits_zca if zca else None)
+    s.images = s.images + 0.01 * torch.randn(s.images.shape, generator=torch.Generator().manual_seed(1))
+    export_set(s, "folder", tmp_path / "imgs")
+    t = import_set(tmp_path / "imgs", "folder", digits, zca=zca).synset
+    assert torch.equal(t.labels, s.labels) and (t.zca is not None) is zca
+    assert (t.to_pixels() - s.to_pixels()).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_folder_classes_by_id_and_unknown_names(tmp_path, digits):
+    s = real_set(digits)
+    export_set(s, "folder", tmp_path / "imgs")      # digits' classes are named "0".."9": ids and names agree
+    (tmp_path / "imgs" / "3").rename(tmp_path / "imgs" / "cat")
+    with pytest.raises(AtomDistillError, match="'cat'.*not digits classes"):
+        import_set(tmp_path / "imgs", "folder", digits)
+
+
+# ---- an imported DM set is the native set --------------------------------------------------------
+def test_imported_dm_file_evaluates_like_the_native_set(tmp_path, digits):
+    native = distill(digits, ipc=1, method="dm", iterations=2, batch_real=8, net="convnet-w32", progress=False)
+    export_set(native, "dc", tmp_path / "res_DM.pt")
+    imported = import_set(tmp_path / "res_DM.pt", "dc", digits, zca=False, origin="dm").synset
+    kw = dict(models=["convnet-w32"], runs=2, epochs=3, seed=5, progress=False)
+    a, b = evaluate(native, digits, **kw)["convnet-w32"], evaluate(imported, digits, **kw)["convnet-w32"]
+    assert a["accs"] == b["accs"]
+    assert imported.info["eval_settings"]["net"] == "convnet" and imported.method == "dm"
+
+
+# ---- safety and errors ---------------------------------------------------------------------------
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path, capsys, writer):
+    marker = tmp_path / "code-ran"
+    evil = {"data": [[torch.zeros(2, 1, 8, 8), _RunsCode(marker)]]}
+    path = tmp_path / "evil.pt"
+    if writer == "torch":
+        torch.save(evil, path)
+    else:
+        path.write_bytes(pickle.dumps(evil))
+    with pytest.raises(AtomDistillError, match="refused"):
+        load_tensors(path)
+    assert run("import", path, "--format", "dc", "--dataset", "digits", "--no-zca",
+               "--out", tmp_path / "x.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def _dc(path, images, labels):
+    torch.save({"data": [[images, labels]], "accs_all_exps": {"ConvNet": [0.5, 0.6]}}, path)
+    return path
+
+
+@pytest.mark.parametrize("images, labels, fmt, message", [
+    (torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), "dc", "shape"),
+    (torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 10]), "dc", "class id 10, out of range"),
+    (torch.zeros(4, 1, 8, 8), torch.zeros(5, dtype=torch.long), "dc", "expected class ids"),
+    (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), "hdf5", "unknown format 'hdf5'"),
+])
+def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys, images, labels, fmt, message):
+    path = _dc(tmp_path / "res.pt", images, labels)
+    assert run("import", path, "--format", fmt, "--dataset", "digits", "--no-zca", "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert run("import", path, "--format", "dc", "--dataset", "digits", "--no-zca", "--index", "3",
+               "--out", tmp_path / "x") == 2
+    assert "--index 3 is out of range" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(AtomDistillError, match="junk.pt"):
+        load_tensors(tmp_path / "junk.pt")
+
+
+def test_the_zca_claim_is_checked_against_the_images(tmp_path, capsys, digits, digits_zca):
+    whitened = _dc(tmp_path / "w.pt", real_set(digits, ipc=5, zca=digits_zca).images, real_set(digits, ipc=5).labels)
+    assert run("import", whitened, "--format", "dc", "--dataset", "digits", "--out", tmp_path / "x") == 2
+    assert "--zca or --no-zca (they look whitened" in capsys.readouterr().err
+    assert run("import", whitened, "--format", "dc", "--dataset", "digits", "--no-zca",
+               "--out", tmp_path / "x.safetensors") == 0
+    assert "warning: the images look whitened, not normalised" in capsys.readouterr().err
+    assert run("import", whitened, "--format", "dc", "--dataset", "digits", "--zca",
+               "--out", tmp_path / "x.safetensors") == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.err and "the images' scale agrees" in out.out
+    assert "the file's own evaluation: ConvNet 55.00 ± 5.00 (2 runs)" in out.out
+
+
+# ---- soft labels in evaluation ---------------------------------------------------------------------
+def test_soft_loss_is_the_soft_cross_entropy_and_one_hot_equals_hard():
+    g = torch.Generator().manual_seed(0)
+    logits, p = torch.randn(2, 5, 4, generator=g), torch.softmax(torch.randn(2, 5, 4, generator=g), -1)
+    want = -(p * torch.log_softmax(logits, -1)).sum(-1).mean(1).sum()
+    assert torch.allclose(_loss(logits, p), want)
+    hard = torch.randint(4, (2, 5), generator=g)
+    assert torch.allclose(_loss(logits, torch.nn.functional.one_hot(hard, 4).float()), _loss(logits, hard))
+
+
+def test_one_hot_soft_labels_train_like_hard_labels(digits):
+    s = real_set(digits, ipc=2)
+    kw = dict(model_name="convnet", protocol=EvalProtocol(runs=1, epochs=2, seed=1), progress=False,
+              model_kwargs={"width": 16})
+    hard = train_and_test(s.images, s.labels, digits.test_images, digits.test_labels, **kw)
+    soft = train_and_test(s.images, torch.nn.functional.one_hot(s.labels, 10).float(), digits.test_images,
+                          digits.test_labels, **kw)
+    assert hard == pytest.approx(soft, abs=2 / len(digits.test_labels))
+
+
+def test_evaluate_a_soft_label_set_shows_the_label_controls(tmp_path, capsys, digits):
+    s = with_soft_labels(real_set(digits, ipc=1, seed=3))
+    export_set(s, "mtt", tmp_path / "mtt")
+    assert run("import", tmp_path / "mtt", "--format", "mtt", "--dataset", "digits", "--no-zca", "--origin",
+               "datadam", "--method", "released", "--out", tmp_path / "soft.safetensors") == 0
+    out = capsys.readouterr().out
+    assert "--models convnet-bn" in out and "soft cross-entropy" in out
+    assert run("evaluate", tmp_path / "soft.safetensors", "--runs", "1", "--epochs", "1", "--models", "convnet-w32") == 0
+    out = capsys.readouterr().out
+    assert "hard labels: the same images" in out and "random real + soft labels" in out
+    assert "made for: convnet-bn (batch norm)" in out and "add --models convnet-bn" in out
+    record = json.loads((tmp_path / "soft.eval.json").read_text())
+    assert [c["method"] for c in record["controls"]] == ["released hard labels",
+                                                          "random + released class-mean soft labels"]
+    assert record["set"]["made_for"]["net"] == "convnet-bn" and record["set"]["labels"]["kind"] == "soft"
+    assert all(0 <= c["results"]["convnet-w32"]["mean"] <= 1 for c in record["controls"])
+    assert run("report", tmp_path / "soft.eval.json", "--out", tmp_path / "r.md") == 0
+    table = (tmp_path / "r.md").read_text()
+    for row in ("| released |", "| released hard labels |", "| random + released class-mean soft labels |"):
+        assert row in table
+    assert "Made for: released: convnet-bn" in table
