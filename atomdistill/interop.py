@@ -384,6 +384,10 @@ def import_set(path: str | Path, fmt: str, data: ImageDataset, *, zca: bool | No
             notes.append("the file's own evaluation: " + ", ".join(
                 f"{m} {100 * np.mean(a):.2f} ± {100 * np.std(a):.2f} ({len(a)} runs)" for m, a in accs.items() if a))
     settings["zca"] = bool(zca)
+    counts = torch.bincount(hard, minlength=data.num_classes)
+    if soft is not None and counts.min() != counts.max():
+        warns.append(f"the soft labels' argmax, taken as the images' classes, gives {int(counts.min())} to "
+                     f"{int(counts.max())} images per class: the hard-label control and the IPC follow it")
     if soft is not None:
         notes.append(f"soft labels given as {given}" + (" (softmax at T=1 to probabilities)" if given == "logits" else "")
                      + f"; evaluation trains with {SOFT_LOSS}")

@@ -16,6 +16,8 @@ from atomdistill.evaluate import EvalProtocol, _loss, evaluate, train_and_test
 from atomdistill.interop import export_set, import_set, load_tensors, read_labels
 from atomdistill.zca import ZCA
 
+from conftest import make_dataset
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -84,6 +86,15 @@ def test_learned_logits_become_probabilities(digits):
     logits = torch.tensor([[3.0, -1.0] + [0.0] * 8, [0.0, 2.0] + [0.5] * 8])
     hard, soft, given = read_labels(logits, 2, 10, "labels")
     assert given == "logits" and torch.allclose(soft, torch.softmax(logits, 1)) and hard.tolist() == [0, 1]
+
+
+def test_uneven_argmax_classes_are_flagged(tmp_path, digits):
+    s = real_set(digits)
+    s.soft_labels = torch.nn.functional.one_hot(s.labels, 10).float()
+    s.soft_labels[0] = s.soft_labels[19]                # class 0 loses an image to class 9
+    export_set(s, "mtt", tmp_path / "mtt")
+    result = import_set(tmp_path / "mtt", "mtt", digits, zca=False)
+    assert result.synset.ipc == 3 and "1 to 3 images per class" in result.warnings[0]
 
 
 @pytest.mark.parametrize("zca", [False, True])
@@ -190,14 +201,14 @@ def test_soft_loss_is_the_soft_cross_entropy_and_one_hot_equals_hard():
     assert torch.allclose(_loss(logits, torch.nn.functional.one_hot(hard, 4).float()), _loss(logits, hard))
 
 
-def test_one_hot_soft_labels_train_like_hard_labels(digits):
-    s = real_set(digits, ipc=2)
-    kw = dict(model_name="convnet", protocol=EvalProtocol(runs=1, epochs=2, seed=1), progress=False,
-              model_kwargs={"width": 16})
-    hard = train_and_test(s.images, s.labels, digits.test_images, digits.test_labels, **kw)
-    soft = train_and_test(s.images, torch.nn.functional.one_hot(s.labels, 10).float(), digits.test_images,
-                          digits.test_labels, **kw)
-    assert hard == pytest.approx(soft, abs=2 / len(digits.test_labels))
+def test_one_hot_soft_labels_train_like_hard_labels_and_soft_ones_learn():
+    data = make_dataset(num_classes=3, per_class=8, test_per_class=40, seed=1)
+    kw = dict(model_name="convnet", protocol=EvalProtocol(runs=1, epochs=8, seed=1), progress=False)
+    x, y, tx, ty = data.train_images, data.train_labels, data.test_images, data.test_labels
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    hard = train_and_test(x, y, tx, ty, **kw)
+    assert hard[0] > 0.8 and hard == pytest.approx(train_and_test(x, one_hot, tx, ty, **kw), abs=2 / len(ty))
+    assert train_and_test(x, 0.7 * one_hot + 0.1, tx, ty, **kw)[0] > 0.6   # 0.8 on the class; chance is 1/3
 
 
 def test_evaluate_a_soft_label_set_shows_the_label_controls(tmp_path, capsys, digits):
