@@ -36,6 +36,7 @@ from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_l
 from .formation import check_factor, decode, decode_labels, encode
 from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
+from .netpool import NetworkPool, random_network
 from .rng import Stream, generator, seeded
 from .runtime import autocast, check_precision, resolve_device
 from .synset import SyntheticSet, read_safetensors
@@ -172,14 +173,6 @@ def check_numbers(cfg: DistillConfig) -> None:
 
 
 # ---- deterministic randomness: every draw from (seed, stream, iteration, class), see rng.py ----
-def random_network(cfg: DistillConfig, channels: int, num_classes: int, iteration: int,
-                   device: torch.device) -> torch.nn.Module:
-    """The fresh, frozen network of one iteration, identical in every process."""
-    with seeded(cfg.seed, Stream.NET, iteration):
-        net = build_model(cfg.net, channels, num_classes, cfg.image_size)
-    return net.to(device).requires_grad_(False)
-
-
 def has_batch_norm(net: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
@@ -328,7 +321,6 @@ class Distiller:
                 raise ConfigError("--nets pool trains its networks on the real images of every class, which a "
                                   "class-sharded run (torchrun with 2+ processes) splits over processes; run it in "
                                   "one process, or use --nets random")
-            from .netpool import NetworkPool
             self.pool = NetworkPool(self.config, data.channels, self.num_classes_total, self.train_images,
                                     data.train_labels, self.device)
 

@@ -426,9 +426,8 @@ def export_set(synset: SyntheticSet, fmt: str, out: str | Path) -> list[str]:
         if synset.soft_labels is not None:
             notes.append("the DC format has hard labels only: the argmax was written; --format mtt keeps the soft labels")
     elif fmt == "mtt":
-        from .evaluate import training_targets
-        targets = training_targets(synset).detach().float().cpu().contiguous() if synset.soft_labels is not None \
-            else labels
+        targets = labels if synset.soft_labels is None else \
+            synset.soft_labels.detach().float().cpu().repeat_interleave(synset.factor ** 2, dim=0).contiguous()
         _save_torch(images, out / MTT_IMAGES)
         _save_torch(targets, out / MTT_LABELS)
         written = [MTT_IMAGES, MTT_LABELS]

@@ -6,7 +6,7 @@ networks trained on real data in small steps, so the matching also sees features
 that have learned something. Here:
 
 - births: at iterations 0, R, 2R, ... (R = `pool_refresh`) a network joins the pool, initialised
-  as the random network of that iteration (`distill.random_network`); once the pool holds K
+  as the random network of that iteration (`random_network`); once the pool holds K
   (`pool_size`) networks, the oldest leaves when a new one joins;
 - use: at iteration t one member, uniform from the generator of (seed, t), is the matching network;
 - training: after the synthetic images' step, that member takes `pool_steps` SGD steps on real
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .distill import DistillConfig, generator, random_network
+from .models import build_model
+from .rng import Stream, generator, seeded
 
 # Derived-seed purposes, apart from distill's (1-4) and evaluate's (101-103).
 _POOL_PICK, _POOL_BATCH = 11, 12
@@ -45,10 +46,19 @@ class _Member:
     momentum: list[torch.Tensor]   # one SGD momentum buffer per parameter, in parameters() order
 
 
+def random_network(cfg, channels: int, num_classes: int, iteration: int,
+                   device: torch.device) -> torch.nn.Module:
+    """The fresh, frozen network of one iteration, identical in every process (`cfg`: the run's
+    resolved DistillConfig; this module does not import the loop's, which imports it)."""
+    with seeded(cfg.seed, Stream.NET, iteration):
+        net = build_model(cfg.net, channels, num_classes, cfg.image_size)
+    return net.to(device).requires_grad_(False)
+
+
 class NetworkPool:
     """The pool of one run: `network(t)` gives iteration t's matching network, `train(t)` trains it."""
 
-    def __init__(self, config: DistillConfig, channels: int, num_classes: int, train_images: torch.Tensor,
+    def __init__(self, config, channels: int, num_classes: int, train_images: torch.Tensor,
                  train_labels: torch.Tensor, device: torch.device):
         self.config, self.channels, self.num_classes, self.device = config, channels, num_classes, device
         self.train_images, self.train_labels = train_images, train_labels.to(device)
