@@ -12,6 +12,8 @@ class-sorted set. Factor 1 is the identity: the images are returned untouched.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ from .errors import ConfigError
 
 def check_factor(factor: int, image_size: int | None = None) -> int:
     """`factor` as an int, or a ConfigError if it is not a positive divisor of the image size."""
-    if int(factor) != factor or factor < 1:
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1:
         raise ConfigError(f"factor must be a positive integer, got {factor!r}")
     factor = int(factor)
     if image_size is not None and image_size % factor:

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from .models import build_model
 from .rng import Stream, generator, seeded
 
-# Derived-seed purposes, apart from distill's (1-4) and evaluate's (101-103).
-_POOL_PICK, _POOL_BATCH = 11, 12
 # IDM's network training: batch (trained_bs), SGD with its --net_decay settings.
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 256, 0.01, 0.9, 5e-4
 
@@ -69,8 +67,8 @@ class NetworkPool:
     def network(self, iteration: int) -> torch.nn.Module:
         """The member that matches at `iteration` (the pool first takes in the births due by then)."""
         self._grow(iteration)
-        pick = int(torch.randint(len(self.members), (1,), generator=generator(self.config.seed, _POOL_PICK,
-                                                                              iteration)))
+        g = generator(self.config.seed, Stream.POOL_PICK, iteration)
+        pick = int(torch.randint(len(self.members), (1,), generator=g))
         self._current = self.members[pick]
         return self._current.net
 
@@ -83,8 +81,8 @@ class NetworkPool:
         member.net.requires_grad_(True)
         try:
             for step in range(cfg.pool_steps):
-                idx = torch.randperm(len(self.train_labels), generator=generator(cfg.seed, _POOL_BATCH, iteration,
-                                                                                 step))[:BATCH].to(self.device)
+                g = generator(cfg.seed, Stream.POOL_BATCH, iteration, step)
+                idx = torch.randperm(len(self.train_labels), generator=g)[:BATCH].to(self.device)
                 loss = F.cross_entropy(member.net(self.train_images[idx]), self.train_labels[idx])
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():   # torch.optim.SGD (no dampening, no Nesterov), written out

@@ -28,6 +28,8 @@ class Stream(enum.IntEnum):
     REAL = 2            # distillation: the real batch of a class (seed, REAL, iteration, class)
     DSA = 3             # distillation: the Siamese augmentation of an iteration (seed, DSA, iteration)
     INIT = 4            # the initial images of a class (seed, INIT, class); also the random baseline
+    POOL_PICK = 11      # --nets pool: the member that matches at an iteration (seed, POOL_PICK, iteration)
+    POOL_BATCH = 12     # --nets pool: a training batch of that member (seed, POOL_BATCH, iteration, step)
     EVAL_NET = 101      # evaluation: the initial network of a run (seed, EVAL_NET, run)
     EVAL_SHUFFLE = 102  # evaluation: the batch order of an epoch (seed, EVAL_SHUFFLE, run, epoch)
     EVAL_DSA = 103      # evaluation: the augmentation of a step (seed, EVAL_DSA, run, step)

@@ -55,7 +55,8 @@ def test_the_import_graph_has_no_circle():
 
 def test_stream_numbers_are_pinned_and_distinct():
     # The numbers are part of every result: changing one changes the sets or accuracies drawn from it.
-    assert {s.name: int(s) for s in Stream} == {"NET": 1, "REAL": 2, "DSA": 3, "INIT": 4, "EVAL_NET": 101,
+    assert {s.name: int(s) for s in Stream} == {"NET": 1, "REAL": 2, "DSA": 3, "INIT": 4, "POOL_PICK": 11,
+                                                "POOL_BATCH": 12, "EVAL_NET": 101,
                                                 "EVAL_SHUFFLE": 102, "EVAL_DSA": 103, "EMBED_NET": 201,
                                                 "EMBED_SHUFFLE": 202}
     # Why distinct numbers matter: trailing zeros do not change a seed, so (s, 101) is (s, 101, 0).
