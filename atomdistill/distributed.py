@@ -8,8 +8,11 @@ Distillation: the classes are split into contiguous blocks, rank r taking classe
 blocks in rank order is the global class order. Each rank loads only its classes
 (``load_dataset(classes=...)``) and owns their synthetic images. With instance norm the matching
 loss is a sum over classes of terms that involve only that class's images, and every random draw
-comes from (seed, iteration, class), so each rank computes exactly the gradients a single process
-computes for those classes: no gradient all-reduce is needed. Per iteration one scalar all-reduce
+comes from (seed, iteration, class), so each rank computes the gradients a single process computes
+for those classes: no gradient all-reduce is needed. They are the same bits only when every rank's
+inputs are: a ZCA fitted across ranks, or a folder dataset's mean and std pooled over ranks, differs
+from a single process's in its last bits, and that grows over the iterations into a slightly
+different set (docs/distributed.md). Per iteration one scalar all-reduce
 sums the loss (for the log, and so that a NaN on any rank stops every rank at the same step).
 Batch norm mixes the classes of a batch in its statistics, so sharding would change the result:
 it is refused. ZCA needs the whole training split: each rank sums its images and their centred

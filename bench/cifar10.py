@@ -181,7 +181,7 @@ def step_name(kind: str, ipc: int, seed: int) -> str:
 
 def record_path(out: Path, kind: str, ipc: int, seed: int) -> Path:
     name = step_name(kind, ipc, seed)
-    return out / name / "eval.json" if kind in METHODS else out / f"{name}.eval.json"
+    return out / name / "eval.json" if kind not in BASELINES else out / f"{name}.eval.json"
 
 
 def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:

@@ -151,3 +151,20 @@ def test_report_gives_a_factor_2_set_its_own_row_at_its_stored_ipc(tmp_path):
     md = markdown_table(load_records([str(tmp_path / "plain.json"), str(tmp_path / "tiled.json")]))
     assert "| atom | 27.0 ± 0.0 |" in md and "| atom (factor 2) | 33.0 ± 0.0 |" in md
     assert "Duplicates" not in md
+
+
+def test_atom_plus_is_atom_with_factor_2_from_32_px_and_whole_images_below(tmp_path):
+    data32 = make_dataset(size=32, per_class=8)
+    plus = distill(data32, ipc=1, method="atom+", out=tmp_path / "plus", **FAST)
+    tiled = distill(data32, ipc=1, method="atom", factor=2, **FAST)
+    assert plus.factor == 2 and torch.equal(plus.images, tiled.images)
+    assert SyntheticSet.load(tmp_path / "plus").factor == 2
+    # --factor given explicitly wins over the preset's
+    assert torch.equal(distill(data32, ipc=1, method="atom+", factor=1, **FAST).images,
+                       distill(data32, ipc=1, method="atom", **FAST).images)
+    # 8 px images would make 4 px tiles: atom+ keeps whole images there (and equals atom)
+    small = make_dataset()
+    plus8 = distill(small, ipc=1, method="atom+", **FAST)
+    assert plus8.factor == 1 and torch.equal(plus8.images, distill(small, ipc=1, method="atom", **FAST).images)
+    assert DistillConfig(method="atom+").resolved(32).factor == 2
+    assert DistillConfig(method="atom").resolved(32).factor == 1
