@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="fp32 (default) or bf16 autocast (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the forward passes: faster per iteration after a warm-up of about half a "
+                        "minute, for runs of a few hundred iterations or more (needs a C++ compiler on a CPU)")
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--log-every", type=int, default=None)
     g = p.add_argument_group("loss weights (override the preset)")
@@ -206,7 +209,7 @@ def cmd_models(args):
 
 # Options of `distill`, and the DistillConfig field each sets.
 _DISTILL_OPTIONS = ("dataset", "data_root", "image_size", "ipc", "method", "iterations", "lr", "momentum",
-                    "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "precision",
+                    "batch_real", "real_chunk", "init", "net", "zca", "dsa", "seed", "device", "precision", "compile",
                     "checkpoint_every",
                     "log_every", "spatial", "channel", "mmd", "power", "scale", "layers", "eval_every",
                     "eval_models", "eval_runs", "eval_epochs", "mmd_kernel", "factor", "nets", "pool_size",

@@ -38,7 +38,7 @@ from .loss import ClassMeans, MatchingLoss, loss_weights
 from .models import build_model
 from .netpool import NetworkPool, random_network
 from .rng import Stream, generator, seeded
-from .runtime import autocast, check_precision, resolve_device
+from .runtime import autocast, check_precision, compiled, resolve_device
 from .synset import SyntheticSet, read_safetensors
 from .zca import ZCA
 
@@ -73,6 +73,8 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"                # fp32 | bf16 (autocast of the forward passes; changes the set)
+    compile: bool = False                  # torch.compile the forward passes and the loss's vectors: faster
+                                           # after a warm-up (README Speed); equal within float rounding
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
@@ -311,6 +313,9 @@ class Distiller:
         self.cpu_class_indices = data.class_indices()
         self.dsa = DSA(self.config.dsa) if self.config.dsa != "none" else None
         self.loss_fn = MatchingLoss(self.weights)
+        # The same function either way; compiled, its kernels fuse the norm, ReLU, pooling and the
+        # attention reductions (one graph per input shape, reused by every fresh network).
+        self.vectors = compiled(self._vectors, self.device) if self.config.compile else self._vectors
         check_precision(self.config.precision, self.device)   # warns once where bf16 is emulated
         # Batch norm normalises with the statistics of the batch it is given, and the synthetic
         # images of all classes go through in one batch: so must the real ones (as in the reference
@@ -382,11 +387,15 @@ class Distiller:
                 x = self.train_images[idx]
                 if draws is not None:
                     x = self.dsa.apply(x, draws, labels)
-                real.add(self.loss_fn.vectors(*self._features(net, x)), labels)
+                real.add(self.vectors(net, x), labels)
         x = decode(syn, cfg.factor)   # factor 1: syn itself
         x = self.dsa.apply(x, draws, self.decoded_labels) if draws is not None else x
-        fake = ClassMeans(self.data.num_classes, keep).add(self.loss_fn.vectors(*self._features(net, x)), self.decoded_labels)
+        fake = ClassMeans(self.data.num_classes, keep).add(self.vectors(net, x), self.decoded_labels)
         return self.loss_fn.compare(real, fake)
+
+    def _vectors(self, net: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss's vectors of the images x through net."""
+        return self.loss_fn.vectors(*self._features(net, x))
 
     def _features(self, net: torch.nn.Module, x: torch.Tensor):
         """net.features(x); with precision bf16 under autocast, the outputs back in fp32 for the loss."""

@@ -69,6 +69,16 @@ def check_precision(precision: str, device=None) -> str:
     return precision
 
 
+def compiled(fn, device):
+    """torch.compile(fn), checked first for what inductor needs on a CPU: a C++ compiler."""
+    import shutil
+    if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"),
+                                                                                 "g++", "c++", "clang++")):
+        raise ConfigError("--compile needs a C++ compiler for torch.compile on a CPU and none was found "
+                          "(g++, c++ or clang++, or $CXX); install one (e.g. apt install g++) or run without --compile")
+    return torch.compile(fn, dynamic=False)
+
+
 def cpu_flags() -> set[str] | None:
     """The CPU's instruction-set flags from /proc/cpuinfo (None where that cannot be read)."""
     try:

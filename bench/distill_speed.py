@@ -5,6 +5,7 @@
     python bench/distill_speed.py --dataset digits                # the embedded set, no download
     python bench/distill_speed.py --data-root DIR --batch-real 64 --baseline main   # today's code beside main's
     python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 --methods atom --nets pool --pool-steps 2
+    python bench/distill_speed.py --data-root DIR --batch-real 64 --ipc 1 10 --compile --baseline HEAD   # compiled vs eager
 
 Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to every row; with --nets
 pool an iteration includes the pool network's training steps, as in a run.
@@ -20,7 +21,8 @@ by side: per (method, IPC), `--rounds` rounds of one process of today's code the
 (A, B, A, B, ...), so that load on a shared machine hits both alike; s/iter is the median over
 all their timed iterations, peak memory the largest of their processes, and new/base the ratio
 of the s/iter medians. `--precision bf16` times today's code under bf16 autocast.
-Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to today's code's rows.
+Options of the loop (--factor, --nets, --pool-*, --mmd-kernel, --compile) apply to today's code's
+rows: `--compile --baseline HEAD` times the compiled iteration beside the eager one of the same code.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from atomdistill.evaluate import cpu_name  # noqa: E402
 
 
-LOOP_OPTIONS = ("factor", "nets", "pool_size", "pool_steps", "pool_refresh", "mmd_kernel")
+LOOP_OPTIONS = ("factor", "nets", "pool_size", "pool_steps", "pool_refresh", "mmd_kernel", "compile")
 
 
 def measure(args) -> dict:
@@ -114,6 +116,8 @@ def main():
     p.add_argument("--pool-steps", type=int, default=10)
     p.add_argument("--pool-refresh", type=int, default=30)
     p.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None)
+    p.add_argument("--compile", action="store_true", help="today's code with torch.compile (warm-up excluded "
+                   "by --warmup; beside --baseline HEAD it times compiled against eager)")
     p.add_argument("--one-method", help=argparse.SUPPRESS)
     p.add_argument("--one-ipc", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one-code", default="new", help=argparse.SUPPRESS)

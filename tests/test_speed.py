@@ -113,3 +113,18 @@ def test_evaluation_runs_in_bf16():
     assert 0.0 <= accs[0] <= 1.0
     with pytest.raises(ConfigError, match="precision"):
         EvalProtocol(precision="half")
+
+
+def test_compiled_iterations_equal_the_eager_ones_within_float_rounding():
+    data = make_dataset(per_class=10)
+    eager = distill(data, ipc=2, method="atom", **FAST)
+    compiled = distill(data, ipc=2, method="atom", compile=True, **FAST)
+    assert compiled.config["compile"] is True and eager.config["compile"] is False
+    torch.testing.assert_close(compiled.images, eager.images, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="--compile needs a C\\+\\+ compiler"):
+        distill(make_dataset(), ipc=1, compile=True, **FAST)
