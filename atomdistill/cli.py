@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast the networks (fast only on GPUs and CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks: faster after a warm-up of a minute or two, for the long "
+                        "evaluations (IPC 10 and up); needs a C++ compiler on a CPU")
     p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                    help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
     p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
@@ -286,7 +289,8 @@ def _evaluate(args, group):
         synset = SyntheticSet.load(args.set)
         # a run folder gets eval.json; a set file gets NAME.eval.json beside it
         default_out = Path(args.set) / "eval.json" if Path(args.set).is_dir() else Path(args.set).with_suffix(".eval.json")
-    protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, precision=args.precision)
+    protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, precision=args.precision,
+                            compile=args.compile)
     out = Path(args.out) if args.out else default_out
     # before the training, not after it: a record that cannot be written would lose the whole run
     if group is None:

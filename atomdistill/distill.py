@@ -130,7 +130,8 @@ class DistillConfig:
 
     def eval_protocol(self) -> EvalProtocol:
         """The protocol of the evaluations along the way (eval_every)."""
-        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed, precision=self.precision)
+        return EvalProtocol(runs=self.eval_runs, epochs=self.eval_epochs, seed=self.seed, precision=self.precision,
+                            compile=self.compile)
 
     def weights(self):
         return loss_weights(self.method, spatial=self.spatial, channel=self.channel, mmd=self.mmd,

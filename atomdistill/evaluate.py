@@ -56,7 +56,7 @@ from .errors import ConfigError
 from .io import write_json
 from .models import build_model
 from .rng import Stream, generator, seeded
-from .runtime import autocast, check_precision, resolve_device
+from .runtime import autocast, check_precision, compiled, resolve_device
 from .synset import SyntheticSet
 
 DEFAULT_DSA = "color_crop_cutout_flip_scale_rotate"
@@ -76,6 +76,7 @@ class EvalProtocol:
     dsa: str | None = DEFAULT_DSA    # DSA strategy; None or "none": no augmentation
     seed: int = 0                    # every run's draws come from (seed, run)
     precision: str = "fp32"          # "bf16": the networks run under bf16 autocast (an option, not the reference)
+    compile: bool = False            # torch.compile the networks: faster after a warm-up; equal within float rounding
 
     def __post_init__(self):
         if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:
@@ -212,7 +213,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     spec = _Spec(model_name, dict(model_kwargs or {}), images.shape[1],
                  int(num_classes) if num_classes is not None else
                  (labels.shape[1] if soft else int(labels.max()) + 1), images.shape[-1],
-                 check_precision(protocol.precision, dev))
+                 check_precision(protocol.precision, dev), bool(protocol.compile))
     images, labels = images.detach().to(dev, torch.float32), labels.to(dev, torch.float32 if soft else torch.long)
     test_images, test_labels = test_images.detach().to(dev, torch.float32), test_labels.to(dev, torch.long)
     group = len(run_ids) if batched else 1
@@ -319,6 +320,7 @@ class _Spec:
     num_classes: int
     image_size: int
     precision: str = "fp32"
+    compile: bool = False
 
 
 def _fresh_model(spec: _Spec, seed: int, run: int, device: torch.device) -> torch.nn.Module:
@@ -383,20 +385,21 @@ def _train_one(spec, ids, images, labels, test_images, test_labels, protocol, au
     (run,) = ids
     seed = protocol.seed
     net = _fresh_model(spec, seed, run, device)
+    model = compiled(net, device) if spec.compile else net   # the same parameters either way
 
     def batch_loss(idx, step):
         x = images[idx]
         if aug is not None:
             x = aug.apply(x, _draws(aug, len(idx), seed, run, step).to(device))
         with autocast(device, spec.precision):
-            logits = net(x)
+            logits = model(x)
         return _loss(logits.float().unsqueeze(0), labels[idx].unsqueeze(0))
 
     _fit(list(net.parameters()), protocol,
          lambda ep: _shuffle(len(images), seed, run, ep, device).split(protocol.batch_size), batch_loss, bar)
     net.eval()
     with torch.inference_mode(), autocast(device, spec.precision):
-        correct = sum(int((net(x).argmax(1) == y).sum())
+        correct = sum(int((model(x).argmax(1) == y).sum())
                       for x, y in zip(test_images.split(TEST_CHUNK), test_labels.split(TEST_CHUNK)))
     finite = bool(_finite_runs([t.unsqueeze(0) for t in (*net.parameters(), *net.buffers())], 1)[0])
     return [correct / len(test_labels) if finite else DivergedAccuracy(correct / len(test_labels))]
@@ -416,6 +419,8 @@ def _train_group(spec, ids, images, labels, test_images, test_labels, protocol, 
 
     forward_all = vmap(forward)                              # x [R, B, ...]: each network its own batch
     forward_shared = vmap(forward, in_dims=(0, 0, None))     # x [B, ...]: one batch for all (test)
+    if spec.compile:
+        forward_all, forward_shared = compiled(forward_all, device), compiled(forward_shared, device)
     r = len(ids)
 
     def batches(ep):   # [R, b] index blocks: each network its own shuffle

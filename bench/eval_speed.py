@@ -13,7 +13,8 @@ float rounding (vmapped convolutions sum in another order), reported as test ima
 `--baseline REF` instead times today's code beside the package at git revision REF (bench/baseline.py),
 each network trained and tested alone (the CPU default), interleaved in this process: run 0 new,
 run 0 base, run 1 base, run 1 new, ... so that load on a shared machine hits both alike.
-`--precision bf16` runs today's code under bf16 autocast.
+`--precision bf16` runs today's code under bf16 autocast; `--compile` runs it compiled (torch.compile),
+so `--compile --baseline HEAD` times compiled against eager (the first run of each includes its warm-up).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--baseline", default=None, help="git revision to time beside today's code, interleaved")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="today's code's precision")
+    p.add_argument("--compile", action="store_true", help="with --baseline: today's code compiled")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,8 +89,10 @@ def compare_with_baseline(args, images, labels, data, device):
     from atomdistill.runtime import tune_cpu_allocator
     tune_cpu_allocator()   # as the command line does
     old = importlib.import_module(baseline.load(args.baseline).__name__ + ".evaluate")
-    codes = {f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else ""):
-             _trainer(importlib.import_module("atomdistill.evaluate"), args, precision=args.precision),
+    codes = {f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else "")
+             + (" compiled" if args.compile else ""):
+             _trainer(importlib.import_module("atomdistill.evaluate"), args, precision=args.precision,
+                      **({"compile": True} if args.compile else {})),
              f"base {baseline.revision(args.baseline)}": _trainer(old, args)}
     names = list(codes)
     seconds = {n: 0.0 for n in names}

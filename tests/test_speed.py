@@ -128,3 +128,13 @@ def test_compile_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="--compile needs a C\\+\\+ compiler"):
         distill(make_dataset(), ipc=1, compile=True, **FAST)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_compiled_evaluation_equals_the_eager_one(batched):
+    data = make_dataset(per_class=6)
+    args = (data.train_images, data.train_labels, data.test_images, data.test_labels, "convnet")
+    kw = dict(device="cpu", progress=False, batched=batched)
+    eager = train_and_test(*args, EvalProtocol(runs=2, epochs=4), **kw)
+    compiled = train_and_test(*args, EvalProtocol(runs=2, epochs=4, compile=True), **kw)
+    assert compiled == pytest.approx(eager, abs=1.5 / len(data.test_labels))   # at most one test image apart
