@@ -7,7 +7,7 @@ import torch
 from atomdistill import distill
 from atomdistill.distill import DistillConfig
 from atomdistill.errors import ConfigError
-from atomdistill.loss import (GAUSSIAN_BANDWIDTH_MULTIPLIERS, PRESETS, ClassMeans, MatchingLoss, gaussian_mmd,
+from atomdistill.loss import (GAUSSIAN_BANDWIDTH_MULTIPLIERS, GAUSSIAN_MMD_SCALE, PRESETS, ClassMeans, MatchingLoss, gaussian_mmd,
                               loss_weights)
 
 
@@ -59,7 +59,7 @@ def test_gaussian_kernel_is_a_loss_option_of_every_preset_and_sums_over_classes(
             syn = ClassMeans(2, fn.sample_terms).add(fn.vectors(syn_acts, syn_emb), syn_y)
             stats.append(fn.compare(real, syn))
         (_, lin_terms), (loss, terms) = stats
-        expected = sum(gaussian_mmd(emb[y == k], syn_emb[syn_y == k]) for k in range(2))
+        expected = GAUSSIAN_MMD_SCALE * sum(gaussian_mmd(emb[y == k], syn_emb[syn_y == k]) for k in range(2))
         assert torch.allclose(terms["mmd"], expected.detach())
         assert {n: t for n, t in terms.items() if n != "mmd"} == {n: t for n, t in lin_terms.items() if n != "mmd"} \
             or all(torch.allclose(terms[n], lin_terms[n]) for n in terms if n != "mmd")
