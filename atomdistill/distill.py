@@ -74,7 +74,8 @@ class DistillConfig:
     device: str = "auto"
     precision: str = "fp32"                # fp32 | bf16 (autocast of the forward passes; changes the set)
     compile: bool = False                  # torch.compile the forward passes and the loss's vectors: faster
-                                           # after a warm-up (README Speed); equal within float rounding
+                                           # after a warm-up (README Speed); rounds differently, so the set
+                                           # is another draw, not the eager bits
     checkpoint_every: int = 100
     log_every: int = 10
     eval_every: int = 0                    # 0: no evaluation during the run
@@ -585,15 +586,15 @@ def _result_fields(cfg: DistillConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
-def preset_factor(method: str, image_size: int) -> int:
-    """The multi-formation factor a preset uses when --factor is not given. atom+ stores 2x2 tiles
-    of at least 16 px (README "Beyond ATOM": +11 points at IPC 1 on CIFAR-10); on 8 px digits the
-    4 px tiles lose 15 points, so smaller images keep whole images."""
-    return 2 if method in TILED_PRESETS and image_size >= 32 else 1
-
-
 # Presets whose default is multi-formation (their loss weights are in loss.PRESETS).
 TILED_PRESETS = ("atom+",)
+
+
+def preset_factor(method: str, image_size: int) -> int:
+    """The multi-formation factor a preset uses when --factor is not given. atom+ stores 2x2 tiles
+    of at least 16 px (README "Beyond ATOM": +10.6 points at IPC 1 on CIFAR-10); on 8 px digits the
+    4 px tiles lose 15 points, so smaller images keep whole images."""
+    return 2 if method in TILED_PRESETS and image_size >= 32 else 1
 
 
 def check_ipc(data: ImageDataset, ipc: int, factor: int = 1):

@@ -76,7 +76,7 @@ class EvalProtocol:
     dsa: str | None = DEFAULT_DSA    # DSA strategy; None or "none": no augmentation
     seed: int = 0                    # every run's draws come from (seed, run)
     precision: str = "fp32"          # "bf16": the networks run under bf16 autocast (an option, not the reference)
-    compile: bool = False            # torch.compile the networks: faster after a warm-up; equal within float rounding
+    compile: bool = False            # torch.compile the networks: faster after a warm-up; rounds differently
 
     def __post_init__(self):
         if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:

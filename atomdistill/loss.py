@@ -57,10 +57,10 @@ GAUSSIAN_BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 GAUSSIAN_MMD_SCALE = 200.0
 
 
+_ATOM = LossWeights(spatial=1.0, channel=2.0, mmd=0.01, power=4.0, scale=100.0)   # w_c: README ablation
 PRESETS: dict[str, LossWeights] = {
-    "atom": LossWeights(spatial=1.0, channel=2.0, mmd=0.01, power=4.0, scale=100.0),  # w_c: README ablation
-    # atom's loss; the preset also stores 2x2 tiles per image (distill.preset_factor).
-    "atom+": LossWeights(spatial=1.0, channel=2.0, mmd=0.01, power=4.0, scale=100.0),
+    "atom": _ATOM,
+    "atom+": _ATOM,   # atom's loss; the preset also stores 2x2 tiles per image (distill.preset_factor)
     "datadam": LossWeights(spatial=1.0, channel=0.0, mmd=0.01, power=4.0, scale=100.0),
     "dm": LossWeights(spatial=0.0, channel=0.0, mmd=1.0, power=4.0, scale=1.0),
     "channel": LossWeights(spatial=0.0, channel=1.0, mmd=0.01, power=4.0, scale=100.0),
