@@ -71,3 +71,38 @@ def test_cifar10_bench_net_option_distils_and_evaluates_on_that_network(tmp_path
         assert set(json.loads(record.read_text())["results"]) == {"convnet-bn"}
     table = (out / "results.md").read_text()
     assert "network: convnet-bn" in table and "| dm | 1 | 3 |" in table
+
+
+FAKE_OFFICIAL = """import argparse, os, sys
+p = argparse.ArgumentParser()
+for a in ("--dataset", "--model", "--dsa_strategy", "--init", "--lr_img", "--batch_real", "--num_exp",
+          "--ipc", "--Iteration", "--data_path", "--save_path"):
+    p.add_argument(a)
+args = p.parse_args()
+assert os.environ["NO_EVAL"] == "1" and args.batch_real == "64" and os.path.isdir(args.data_path)
+for it in range(int(args.Iteration) + 1):
+    print("ITER %d %.6f" % (it, SECONDS if it >= 1 else 99.0))
+"""
+
+
+def test_side_by_side_times_official_code_and_ours_and_gives_ratios(tmp_path):
+    """The official scripts are stand-ins that print the timing lines the patched code prints."""
+    write_cifar10(tmp_path / "data")
+    for name, script, seconds in (("dm", "main_DM.py", 4.0), ("datadam", "main_DataDAM.py", 8.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / script).write_text(FAKE_OFFICIAL.replace("SECONDS", str(seconds)))
+    cmd = [sys.executable, str(BENCH.parent / "side_by_side.py"), "--data-root", str(tmp_path / "data"),
+           "--official-dm", str(tmp_path / "dm"), "--official-datadam", str(tmp_path / "datadam"),
+           "--ipc", "1", "--iterations", "3", "--warmup", "1", "--json", str(tmp_path / "rows.json"),
+           "--scratch", str(tmp_path / "scratch")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = {(r["code"], r["net"]): r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert rows[("official DM", "ConvNet-IN")]["s_per_iter"] == 4.0          # iteration 0 (99 s) is warm-up
+    assert rows[("official DataDAM", "ConvNet-BN")]["s_per_iter"] == 8.0
+    assert {k for k in rows} >= {("ours `dm`", "ConvNet-IN"), ("ours `atom`", "ConvNet-BN")}
+    ours = rows[("ours `dm`", "ConvNet-IN")]["s_per_iter"]
+    assert f"| {ours / 4.0:.2f}x official DM |" in run.stdout
+    # A folder without the official script is one clear error.
+    bad = subprocess.run(cmd[:4] + ["--official-dm", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "main_DM.py not found" in bad.stderr and "Traceback" not in bad.stderr
