@@ -5,7 +5,7 @@
 
 A speed ratio between two codes means something only when both ran on one CPU at one time (the
 same official DataDAM took 1.85 s/iter on one "AMD EPYC" and 1.07 on another). This script runs
-them one process after the other, alternating, at P1's settings (CIFAR-10, 64 real images per
+them one process after the other at P1's settings (CIFAR-10, 64 real images per
 class, DSA, no ZCA, ConvNet-3, real-image init, SGD lr 1 on the images): per IPC, official DM
 (its ConvNet, instance norm), our `dm`, `atom`, `datadam` on the same net, then official DataDAM
 (its ConvNet, batch norm) and our `datadam`, `atom` on `convnet-bn`. `--compile` adds our `dm`
@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from atomdistill.evaluate import cpu_name  # noqa: E402
+from atomdistill.runtime import cpu_flags  # noqa: E402
 
 P1 = ["--dataset", "CIFAR10", "--model", "ConvNet", "--dsa_strategy", "color_crop_cutout_flip_scale_rotate",
       "--init", "real", "--lr_img", "1", "--batch_real", "64", "--num_exp", "1"]
@@ -90,8 +91,7 @@ def main() -> None:
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
 
     import torch
-    flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f in
-                    ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}) if Path("/proc/cpuinfo").exists() else []
+    flags = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     print(f"# {cpu_name()} ({', '.join(flags) or 'flags unknown'}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; P1, median s/iter from iteration {args.warmup} of {args.iterations}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
