@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import ImageDataset, zca_by_default
+from .data import ImageDataset, check_ipc, zca_by_default
 from .errors import ConfigError
 from .io import atomic_path, hash_json
 from .models import build_model
@@ -65,11 +65,7 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
     if isinstance(embed_epochs, bool) or not isinstance(embed_epochs, int) or embed_epochs < 1:
         raise ConfigError(f"embed_epochs must be a positive integer, got {embed_epochs!r}")
     class_indices = dataset.class_indices()
-    counts = [len(i) for i in class_indices]
-    for k, n in enumerate(counts):
-        if n < ipc:
-            raise ConfigError(f"--ipc {ipc} is larger than class {dataset.class_names[k]!r}, which has {n} "
-                              f"training images; use --ipc {min(counts)} or less")
+    check_ipc(dataset, ipc)
     dev = resolve_device(device)
     use_zca = zca if zca is not None else zca_by_default(dataset.name)
     net_name = _embedding_net_name(dataset.image_size)

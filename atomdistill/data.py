@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError
 
 __all__ = [
     "ImageDataset",
@@ -265,6 +265,24 @@ def load_dataset(
         raise DatasetError(f"image_size must be a positive integer, got {image_size!r}.")
     root = Path(DEFAULT_DATA_ROOT if data_root is None else data_root).expanduser()
     return dataset_spec(name).load(name, root, download, image_size, classes)
+
+
+def check_ipc(data: ImageDataset, ipc: int, factor: int = 1) -> None:
+    """ConfigError unless every class of `data` has at least `ipc` training images (ipc * factor^2
+    when a multi-formation set starts from real images). The message names the smallest class,
+    the one that sets the limit."""
+    counts = [len(i) for i in data.class_indices()]
+    need = ipc * factor ** 2
+    smallest = min(range(len(counts)), key=counts.__getitem__)
+    name, n = data.class_names[smallest], counts[smallest]
+    if n >= need:
+        return
+    if factor > 1:
+        raise ConfigError(f"--ipc {ipc} with --factor {factor} starts from {need} real images per class, more "
+                          f"than the smallest class, {name!r}, has ({n}); use --ipc {max(1, n // factor ** 2)} "
+                          "or less, a smaller --factor, or --init noise")
+    raise ConfigError(f"--ipc {ipc} is larger than the smallest class, {name!r}, which has {n} training "
+                      f"images; use --ipc {n} or less")
 
 
 def zca_by_default(name: str) -> bool:

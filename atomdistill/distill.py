@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .augment import DSA
-from .data import DEFAULT_DATASET, ImageDataset, load_dataset, zca_by_default
+from .data import DEFAULT_DATASET, ImageDataset, check_ipc, load_dataset, zca_by_default
 from .errors import AtomDistillError, ConfigError
 from .evaluate import EvalProtocol, evaluate
 from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_leftover, remove_stale_temporaries,
@@ -595,22 +595,6 @@ def preset_factor(method: str, image_size: int) -> int:
     of at least 16 px (README "Beyond ATOM": +10.6 points at IPC 1 on CIFAR-10); on 8 px digits the
     4 px tiles lose 15 points, so smaller images keep whole images."""
     return 2 if method in TILED_PRESETS and image_size >= 32 else 1
-
-
-def check_ipc(data: ImageDataset, ipc: int, factor: int = 1):
-    """ConfigError unless every class of `data` has at least `ipc` training images (ipc * factor^2
-    when a multi-formation set starts from real images)."""
-    counts = [len(i) for i in data.class_indices()]
-    need = ipc * factor ** 2
-    small = [(data.class_names[k], n) for k, n in enumerate(counts) if n < need]
-    if small:
-        name, n = small[0]
-        if factor > 1:
-            raise ConfigError(f"--ipc {ipc} with --factor {factor} starts from {need} real images per class, more "
-                              f"than class {name!r} has ({n}); use --ipc {max(1, min(counts) // factor ** 2)} or "
-                              "less, a smaller --factor, or --init noise")
-        raise ConfigError(f"--ipc {ipc} is larger than class {name!r}, which has {n} training "
-                          f"images; use --ipc {min(counts)} or less")
 
 
 def write_metrics(path: Path, history: list[dict]):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from atomdistill.baselines import BASELINES, herding, kcenter, select_coreset
-from atomdistill.data import ImageDataset
+from atomdistill.data import ImageDataset, check_ipc
 from atomdistill.distill import initial_images
 from atomdistill.errors import ConfigError
 from atomdistill.synset import SyntheticSet
@@ -50,6 +50,18 @@ def test_ipc_equal_to_smallest_class_takes_it_all(data):
         s = select_coreset(data, 9, method, embedding="pixels", device="cpu")
         idx = torch.tensor(s.info["indices"])
         assert sorted(idx[s.labels == 1].tolist()) == data.class_indices()[1].tolist()
+
+
+def test_ipc_above_the_smallest_class_names_it(data):
+    # class 'a' (12) comes first, but 'b' (9) is the one that sets the limit
+    for ipc, factor in ((10, 1), (3, 2)):
+        with pytest.raises(ConfigError, match="smallest class, 'b'.*use --ipc 9 or less" if factor == 1
+                           else "smallest class, 'b', has \\(9\\); use --ipc 2 or less"):
+            check_ipc(data, ipc, factor)
+    with pytest.raises(ConfigError, match="smallest class, 'b'.*use --ipc 9 or less"):
+        select_coreset(data, 10, "random", device="cpu")
+    check_ipc(data, 9)
+    check_ipc(data, 2, 2)
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -105,7 +105,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path, toy):
 
 
 def test_ipc_larger_than_a_class_is_a_clear_error(toy):
-    with pytest.raises(ConfigError, match="larger than class 'c0', which has 12"):
+    with pytest.raises(ConfigError, match="larger than the smallest class, 'c0', which has 12"):
         distill(toy, ipc=13, **FAST)
 
 
