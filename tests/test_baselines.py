@@ -172,7 +172,7 @@ def test_zca_default_follows_dataset_name():
 
 
 def test_errors(data):
-    with pytest.raises(ConfigError, match=r"class 'b'.* 9 training"):
+    with pytest.raises(ConfigError, match=r"smallest class, 'b', which has 9 training images; use --ipc 9"):
         select_coreset(data, 10, "random")
     with pytest.raises(ConfigError, match="unknown baseline"):
         select_coreset(data, 2, "bogus")
