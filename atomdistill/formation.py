@@ -23,7 +23,7 @@ from .errors import ConfigError
 def check_factor(factor: int, image_size: int | None = None) -> int:
     """`factor` as an int, or a ConfigError if it is not a positive divisor of the image size."""
     if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1:
-        raise ConfigError(f"factor must be a positive integer, got {factor!r}")
+        raise ConfigError(f"--factor must be a positive integer (1: whole images, 2: 2x2 tiles per image), got {factor!r}")
     factor = int(factor)
     if image_size is not None and image_size % factor:
         raise ConfigError(f"--factor {factor} does not divide the {image_size} px image side into equal tiles; "
