@@ -207,14 +207,15 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
              f"Distillation and evaluation network: {args.net}. Evaluation: {b['runs']} runs x {b['epochs']} "
-             "epochs, mean ± std over the runs, accuracy %. Distillation seed 0."
+             "epochs, mean ± std over the runs, accuracy %; one row per distillation seed."
              + (f" Extra distill options: `{args.options}`." if args.options else ""), "",
-             "| method | IPC | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | IPC | seed | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
+             "|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for ipc in ipcs:
-        rows = [(k, step_name(k, ipc, 0), record_path(out, k, ipc, 0)) for k in [*args.baselines, *args.methods]]
-        for label, name, record in rows:
+        rows = [(k, seed, step_name(k, ipc, seed), record_path(out, k, ipc, seed))
+                for seed in args.seeds for k in [*args.baselines, *args.methods]]
+        for label, seed, name, record in rows:
             if not record.exists():
                 continue
             r = json.loads(record.read_text())["results"][args.net]
@@ -226,10 +227,11 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
                 times = [h["s_iter"] for h in hist if "s_iter" in h and lo <= h["iteration"] <= hi]
                 its = str(max(h["iteration"] for h in hist))
                 speed = f"{statistics.median(times):.3f}" if times else "–"
-                curves.setdefault(ipc, {})[label] = (int(its), 100 * r["mean"], 100 * r["std"])
+                if seed == args.seeds[0]:   # the curves show one seed's runs
+                    curves.setdefault(ipc, {})[label] = (int(its), 100 * r["mean"], 100 * r["std"])
             s = steps.get(name, {})
             wall = s.get("wall_s", 0)
-            lines.append(f"| {label} | {ipc} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
+            lines.append(f"| {label} | {ipc} | {seed} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
                          f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
     lines += seeds_table(out, args, ipcs)
     cpu, flags = cpu_name(), cpu_flags()

@@ -29,7 +29,7 @@ def test_cifar10_bench_runs_seeds_writes_tables_and_resumes(tmp_path):
     cfg1 = json.loads((out / "atom-ipc1-seed1" / "config.json").read_text())["config"]
     assert (cfg0["seed"], cfg1["seed"]) == (0, 1)
     table = (out / "results.md").read_text()
-    assert "| atom | 1 | 3 |" in table                       # seed 0's row: 3 iterations
+    assert "| atom | 1 | 0 | 3 |" in table and "| atom | 1 | 1 | 3 |" in table   # a row per seed: 3 iterations
     assert "Over distillation seeds [0, 1]" in table
     assert "| atom | 1 | 2 |" in table and "| random | 1 | 2 |" in table   # 2 seeds each
     assert (out / "accuracy.png").stat().st_size > 0
@@ -39,6 +39,12 @@ def test_cifar10_bench_runs_seeds_writes_tables_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "$ atomdistill" not in again.stdout
     assert json.loads((out / "steps.json").read_text()) == steps
+
+    # A run of seed 1 alone tables seed 1's rows (not an empty seed-0 table).
+    alone = run_bench(*args[:-4], "1", "--out", str(out))
+    assert alone.returncode == 0, alone.stderr
+    table = (out / "results.md").read_text()
+    assert "| atom | 1 | 1 | 3 |" in table and "| atom | 1 | 0 |" not in table
 
 
 def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
