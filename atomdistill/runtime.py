@@ -65,7 +65,8 @@ def check_precision(precision: str, device=None) -> str:
         if flags is not None and not any(f in flags for f in _BF16_CPU_FLAGS):
             _warned.add("bf16-cpu")
             print(f"atomdistill: warning: precision bf16 on a CPU without {' or '.join(_BF16_CPU_FLAGS)}: "
-                  "bf16 is emulated there and runs slower than fp32", file=sys.stderr)
+                  "bf16 is emulated there and runs far slower than fp32 (a ConvNet forward: ~60x on an AVX2 CPU)",
+                  file=sys.stderr)
     return precision
 
 
