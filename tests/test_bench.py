@@ -112,3 +112,11 @@ def test_side_by_side_times_official_code_and_ours_and_gives_ratios(tmp_path):
     # A folder without the official script is one clear error.
     bad = subprocess.run(cmd[:4] + ["--official-dm", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "main_DM.py not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_conv_floor_prints_the_rates_and_the_floor():
+    run = subprocess.run([sys.executable, str(BENCH.parent / "conv_floor.py"), "--threads", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "fp32 matrix product" in run.stdout and "| 128->128 at 16x16 | 4.83 |" in run.stdout
+    assert "IPC 10: measured real + synthetic passes" in run.stdout
