@@ -76,7 +76,7 @@ def test_cifar10_bench_net_option_distils_and_evaluates_on_that_network(tmp_path
     for record in (out / "dm-ipc1" / "eval.json", out / "random-ipc1.eval.json"):
         assert set(json.loads(record.read_text())["results"]) == {"convnet-bn"}
     table = (out / "results.md").read_text()
-    assert "network: convnet-bn" in table and "| dm | 1 | 3 |" in table
+    assert "network: convnet-bn" in table and "| dm | 1 | 0 | 3 |" in table
 
 
 FAKE_OFFICIAL = """import argparse, os, sys
