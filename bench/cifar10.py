@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from atomdistill.evaluate import cpu_name
+from atomdistill.runtime import cpu_flags
 
 BUDGETS = {
     "cpu": dict(ipcs=[1, 10], iterations={1: 300, 10: 200}, batch_real=64, zca=False, models=["convnet"],
@@ -72,14 +73,6 @@ OFFICIAL_P1 = {
         ("DataDAM (ConvNet-BN), official", 1, "29.24 ± 1.09", "19.59 ± 0.41", 1.20, "3.4 GB"),
         ("DataDAM (ConvNet-BN), official", 10, "43.78 ± 0.54", "29.79 ± 0.14", 1.45, "3.5 GB")]),
 }
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 def run_step(cmd: list[str], log: Path) -> dict:
@@ -234,7 +227,7 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
             lines.append(f"| {label} | {ipc} | {seed} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
                          f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
     lines += seeds_table(out, args, ipcs)
-    cpu, flags = cpu_name(), cpu_flags()
+    cpu, flags = cpu_name(), cpu_flags() or set()
     for vendor, (matches, rows) in OFFICIAL_P1.items():
         if args.budget == "cpu" and matches(cpu, flags):
             lines += ["", f"The official code under P1 on {vendor} (docs/benchmarks.md):", "",
