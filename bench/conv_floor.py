@@ -73,8 +73,9 @@ def main():
             for chunk in real.split(64):
                 net.features(chunk)
 
-    t_real = median_time(real_forward, max(3, args.repeats // 2))
-    rows = [("real forward, 640 images (10 classes x 64)", t_real, 10 * conv_gflop)]
+    t_real, g_real = median_time(real_forward, max(3, args.repeats // 2)), 10 * conv_gflop
+    rows = [("real forward, 640 images (10 classes x 64)", t_real, g_real)]
+    syn_passes = {}   # ipc -> (seconds, convolution GFLOP)
     for ipc in (1, 10):
         syn = torch.randn(10 * ipc, 3, 32, 32, requires_grad=True)
 
@@ -83,16 +84,15 @@ def main():
 
         # forward plus the backward to the images (the network is frozen: no weight gradients),
         # twice the forward's convolution work
-        rows.append((f"synthetic forward + backward, IPC {ipc}", median_time(syn_pass, args.repeats),
-                     2 * conv_gflop * 10 * ipc / 64))
+        syn_passes[ipc] = (median_time(syn_pass, args.repeats), 2 * conv_gflop * 10 * ipc / 64)
+        rows.append((f"synthetic forward + backward, IPC {ipc}", *syn_passes[ipc]))
     print("\n| pass | s | convolution GFLOP | s at the matrix-product rate |\n|---|---|---|---|")
     for name, t, gflop in rows:
         print(f"| {name} | {t:.3f} | {gflop:.1f} | {gflop / gemm:.3f} |")
-    for ipc, (_, t_syn, g_syn) in zip((1, 10), rows[1:]):
+    for ipc, (t_syn, g_syn) in syn_passes.items():
         print(f"\nIPC {ipc}: measured real + synthetic passes {t_real + t_syn:.3f} s; the same convolution work "
-              f"at the matrix-product rate {(rows[0][2] + g_syn) / gemm:.3f} s (the floor of a `dm` iteration "
+              f"at the matrix-product rate {(g_real + g_syn) / gemm:.3f} s (the floor of a `dm` iteration "
               "without lower precision)")
-
 
 if __name__ == "__main__":
     main()
