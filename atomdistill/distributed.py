@@ -89,8 +89,10 @@ def process_group(device: str | torch.device = "auto") -> Iterator["ProcessGroup
     group = ProcessGroup.from_env(device)
     try:
         yield group
-    finally:
-        group.close()
+    except BaseException:
+        group.close(synchronize=False)   # a peer may be gone: waiting for it would only delay the error
+        raise
+    group.close(synchronize=True)
 
 
 class ProcessGroup:
@@ -133,12 +135,21 @@ class ProcessGroup:
     def main(self) -> bool:
         return self.rank == 0
 
-    def close(self):
-        if dist.is_initialized():
+    def close(self, synchronize: bool = True):
+        """Leave the group. With `synchronize`, first wait until every rank got here: a rank that tore
+        its gloo connections down while a peer was still finishing its last collective was seen to abort
+        at exit now and then (SIGABRT, "terminate called without an active exception")."""
+        if not dist.is_initialized():
+            return
+        if synchronize:
             try:
-                dist.destroy_process_group()
-            except Exception:   # a broken group: the process is ending anyway
+                dist.barrier()
+            except Exception:   # a peer died after the last result was made: its own message says why
                 pass
+        try:
+            dist.destroy_process_group()
+        except Exception:   # a broken group: the process is ending anyway
+            pass
 
     # ---- fail-safe collectives --------------------------------------------------------------
     @contextmanager

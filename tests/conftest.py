@@ -4,6 +4,13 @@ import torch
 from atomdistill.data import ImageDataset
 
 
+@pytest.fixture(autouse=True)
+def seeded_global_rng():
+    """Every test starts from the same global RNG state, so an unseeded torch.randn in a test gives the
+    same values whichever tests ran before it (a test must not pass or fail with the test order)."""
+    torch.manual_seed(0)
+
+
 def make_dataset(num_classes: int = 3, per_class: int = 12, size: int = 8, channels: int = 1, test_per_class: int = 6,
                  seed: int = 0, name: str = "toy") -> ImageDataset:
     """Separable toy images: each class has its own mean brightness pattern plus noise."""

@@ -27,9 +27,11 @@ def test_every_preset_lowers_its_loss(method):
     losses = []
     d = Distiller(DistillConfig(dataset="toy", ipc=2, method=method, dsa="none", device="cpu"), data=data,
                   progress=False)
-    syn = torch.randn(6, 1, 8, 8, requires_grad=True)
+    # A seeded start: an unseeded one depended on the tests run before it, and dm's 15-step ratio
+    # ranged 0.59-0.71 over starts. With 25 steps it is 0.47-0.57 over 16 seeded starts.
+    syn = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
     opt = torch.optim.SGD([syn], lr=d.config.lr, momentum=0.5)
-    for _ in range(15):
+    for _ in range(25):
         loss, _ = d.step_loss(syn, 0)   # the same network each time: a fixed objective must go down
         opt.zero_grad()
         loss.backward()
