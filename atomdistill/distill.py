@@ -51,7 +51,7 @@ class DistillConfig:
     data_root: str | None = None
     image_size: int | None = None          # None: the dataset's own size
     ipc: int = 10
-    method: str = "atom"                   # loss preset: atom, atom+, datadam, dm, channel
+    method: str = "atom"                   # loss preset: atom, atom+, atom+gaussian, datadam, dm, channel
     # Overrides of the preset's loss weights (None keeps the preset's value).
     spatial: float | None = None
     channel: float | None = None
@@ -587,13 +587,13 @@ def _result_fields(cfg: DistillConfig) -> dict:
 
 
 # Presets whose default is multi-formation (their loss weights are in loss.PRESETS).
-TILED_PRESETS = ("atom+",)
+TILED_PRESETS = ("atom+", "atom+gaussian")
 
 
 def preset_factor(method: str, image_size: int) -> int:
-    """The multi-formation factor a preset uses when --factor is not given. atom+ stores 2x2 tiles
-    of at least 16 px (README "Beyond ATOM": +10.6 points at IPC 1 on CIFAR-10); on 8 px digits the
-    4 px tiles lose 15 points, so smaller images keep whole images."""
+    """The multi-formation factor a preset uses when --factor is not given. atom+ and atom+gaussian store
+    2x2 tiles of at least 16 px (README "Beyond ATOM": +10.6 points at IPC 1 on CIFAR-10); on 8 px digits
+    the 4 px tiles lose 15 points, so smaller images keep whole images."""
     return 2 if method in TILED_PRESETS and image_size >= 32 else 1
 
 

@@ -168,3 +168,15 @@ def test_atom_plus_is_atom_with_factor_2_from_32_px_and_whole_images_below(tmp_p
     assert plus8.factor == 1 and torch.equal(plus8.images, distill(small, ipc=1, method="atom", **FAST).images)
     assert DistillConfig(method="atom+").resolved(32).factor == 2
     assert DistillConfig(method="atom").resolved(32).factor == 1
+
+
+def test_atom_plus_gaussian_is_atom_plus_with_the_gaussian_kernel(tmp_path):
+    data32 = make_dataset(size=32, per_class=8)
+    preset = distill(data32, ipc=1, method="atom+gaussian", out=tmp_path / "g", **FAST)
+    spelled_out = distill(data32, ipc=1, method="atom", factor=2, mmd_kernel="gaussian", **FAST)
+    assert preset.factor == 2 and torch.equal(preset.images, spelled_out.images)
+    assert not torch.equal(preset.images, distill(data32, ipc=1, method="atom+", **FAST).images)
+    assert SyntheticSet.load(tmp_path / "g").config["method"] == "atom+gaussian"
+    # an explicit kernel wins over the preset's, as --factor does
+    assert torch.equal(distill(data32, ipc=1, method="atom+gaussian", mmd_kernel="linear", **FAST).images,
+                       distill(data32, ipc=1, method="atom+", **FAST).images)
