@@ -105,7 +105,9 @@ def main():
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default=None, help="default results/cifar10-BUDGET")
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--baselines", nargs="*", default=BASELINES)
+    p.add_argument("--baselines", nargs="*", default=BASELINES, metavar="NAME",
+                   help=f"baselines to run beside the methods (default all: {' '.join(BASELINES)}); "
+                        "--baselines with no names runs none, as the README's option commands do")
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="distillation (and evaluation) seeds; seed 0's steps have no suffix, seed s>0 "
