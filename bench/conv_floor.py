@@ -94,5 +94,6 @@ def main():
               f"at the matrix-product rate {(g_real + g_syn) / gemm:.3f} s (the floor of a `dm` iteration "
               "without lower precision)")
 
+
 if __name__ == "__main__":
     main()
