@@ -40,10 +40,11 @@ def load(ref: str):
     return importlib.import_module(NAME)
 
 
-def revision(ref: str = "HEAD") -> str:
-    """Short commit id of `ref` (and '+changes' for HEAD when the working tree is dirty)."""
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True,
+def revision(ref: str | None = None) -> str:
+    """Short commit id of `ref` as `load` extracts it; None: today's code, the working tree
+    ('+changes' after HEAD's id when atomdistill/ differs from it)."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref or "HEAD"], capture_output=True,
                          text=True).stdout.strip() or "?"
-    if ref == "HEAD" and subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "atomdistill"]).returncode:
+    if ref is None and subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "atomdistill"]).returncode:
         sha += "+changes"
     return sha

@@ -131,7 +131,7 @@ def main():
           f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if torch.cuda.is_available() and args.device != 'cpu' else ''}")
     import baseline
     codes = ["new"] + (["base"] if args.baseline else [])
-    names = {"new": f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else ""),
+    names = {"new": f"new {baseline.revision()}" + (f" {args.precision}" if args.precision != "fp32" else ""),
              "base": f"base {baseline.revision(args.baseline)}" if args.baseline else ""}
     print(f"# {args.dataset}, batch_real {args.batch_real}, ZCA {'on' if args.zca else 'off'}, net {args.net or 'convnet'}, "
           f"median of iterations {args.warmup}..{args.iterations - 1}"

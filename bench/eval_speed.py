@@ -89,7 +89,7 @@ def compare_with_baseline(args, images, labels, data, device):
     from atomdistill.runtime import tune_cpu_allocator
     tune_cpu_allocator()   # as the command line does
     old = importlib.import_module(baseline.load(args.baseline).__name__ + ".evaluate")
-    codes = {f"new {baseline.revision('HEAD')}" + (f" {args.precision}" if args.precision != "fp32" else "")
+    codes = {f"new {baseline.revision()}" + (f" {args.precision}" if args.precision != "fp32" else "")
              + (" compiled" if args.compile else ""):
              _trainer(importlib.import_module("atomdistill.evaluate"), args, precision=args.precision,
                       **({"compile": True} if args.compile else {})),

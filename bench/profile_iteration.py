@@ -183,7 +183,7 @@ def main(argv=None):
     from atomdistill.runtime import tune_cpu_allocator
     tune_cpu_allocator()   # as the command line does
     import baseline as baseline_mod
-    codes = [("new " + baseline_mod.revision("HEAD"), atomdistill)]
+    codes = [("new " + baseline_mod.revision(), atomdistill)]
     if args.baseline:
         codes.append(("base " + baseline_mod.revision(args.baseline), baseline_mod.load(args.baseline)))
     data = load_dataset(args.dataset, args.data_root)
