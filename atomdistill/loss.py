@@ -94,6 +94,71 @@ def abs_pow(f: torch.Tensor, power: float) -> torch.Tensor:
     return f.abs().pow(p)
 
 
+# On a CPU, activations are reduced in batch slices of about this many bytes, so that |f|^p of a
+# slice is still in cache when the two sums read it: on the first ConvNet block of a 64-image
+# chunk (64 x 128 x 32 x 32) 1.5-2x faster than whole-tensor passes (AMD EPYC, 1 thread).
+ATTENTION_SLICE_BYTES = 2 << 20
+
+
+def _batch_slices(f: torch.Tensor) -> list[slice]:
+    if f.device.type != "cpu":
+        return [slice(None)]
+    rows = max(1, ATTENTION_SLICE_BYTES // max(1, f[0].numel() * f.element_size()))
+    return [slice(i, i + rows) for i in range(0, len(f), rows)]
+
+
+class _AttentionSums(torch.autograd.Function):
+    """sum_c |f|^p and sum_{h,w} |f|^p in one forward and one backward pass per batch slice.
+
+    Autograd through abs_pow and the two sums writes |f|^2, |f|^4 and four full-size gradients,
+    and keeps |f|^2 alive for the backward; here the forward keeps only f, and the backward is
+    d/df = p |f|^(p-2) f * (g_spatial + g_channel), each slice computed while it is in cache."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, power: float, spatial: bool, channel: bool):
+        ctx.save_for_backward(f)
+        ctx.power, ctx.spatial, ctx.channel = power, spatial, channel
+        sums_s, sums_c = [], []
+        for sl in _batch_slices(f):
+            a = abs_pow(f[sl], power)   # grad mode is off in forward: squared in place
+            if spatial:
+                sums_s.append(a.sum(1).flatten(1))
+            if channel:
+                sums_c.append(a.flatten(2).sum(2))
+        empty = f.new_empty(0)
+        return torch.cat(sums_s) if spatial else empty, torch.cat(sums_c) if channel else empty
+
+    @staticmethod
+    def backward(ctx, grad_spatial: torch.Tensor, grad_channel: torch.Tensor):
+        f, = ctx.saved_tensors
+        p = ctx.power
+        b, c, h, w = f.shape
+        grad = torch.empty_like(f)
+        for sl in _batch_slices(f):
+            x = f[sl]
+            n = len(x)
+            weight = x.new_zeros(())
+            if ctx.spatial:
+                weight = weight + p * grad_spatial[sl].view(n, 1, h, w)
+            if ctx.channel:
+                weight = weight + p * grad_channel[sl].view(n, c, 1, 1)
+            if p >= 2:   # p |x|^(p-2) x: no abs or sign needed, and for p = 4 two multiplications
+                d = x if p == 2 else abs_pow(x, p - 2).mul_(x)
+            else:
+                d = x.abs().pow(p - 1).mul_(x.sign())
+            torch.mul(d, weight, out=grad[sl])
+        return grad, None, None, None
+
+
+def attention_sums(f: torch.Tensor, power: float, spatial: bool = True, channel: bool = True):
+    """(sum_c |f|^p as [B, H*W] or empty, sum_{h,w} |f|^p as [B, C] or empty) of activations f [B, C, H, W]."""
+    if torch.compiler.is_compiling():   # inductor fuses the plain expression itself
+        a = abs_pow(f, power)
+        empty = f.new_empty(0)
+        return (a.sum(1).flatten(1) if spatial else empty), (a.flatten(2).sum(2) if channel else empty)
+    return _AttentionSums.apply(f, power, spatial, channel)
+
+
 class MatchingLoss:
     """Per-image summary vectors, their class means, and the weighted distance between means."""
 
@@ -120,13 +185,14 @@ class MatchingLoss:
         channel: a_c(f) = sum_{h,w} |f_{:,h,w}|^p, [B, C], L2-normalised per image;
         mmd: the final embedding (a linear-kernel MMD between class means)."""
         out = {}
-        if "spatial" in self.term_weights or "channel" in self.term_weights:
+        spatial, channel = "spatial" in self.term_weights, "channel" in self.term_weights
+        if spatial or channel:
             # |f|^p once per layer, shared by both attention maps.
-            powered = [abs_pow(f, self.weights.power) for f in self._layers(activations)]
-        if "spatial" in self.term_weights:
-            out["spatial"] = torch.cat([F.normalize(a.sum(dim=1).flatten(1), dim=1) for a in powered], 1)
-        if "channel" in self.term_weights:
-            out["channel"] = torch.cat([F.normalize(a.flatten(2).sum(dim=2), dim=1) for a in powered], 1)
+            sums = [attention_sums(f, self.weights.power, spatial, channel) for f in self._layers(activations)]
+        if spatial:
+            out["spatial"] = torch.cat([F.normalize(s, dim=1) for s, _ in sums], 1)
+        if channel:
+            out["channel"] = torch.cat([F.normalize(c, dim=1) for _, c in sums], 1)
         if "mmd" in self.term_weights:
             out["mmd"] = embedding.flatten(1)
         return out
