@@ -107,7 +107,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--baselines", nargs="*", default=BASELINES, metavar="NAME",
                    help=f"baselines to run beside the methods (default all: {' '.join(BASELINES)}); "
-                        "--baselines with no names runs none, as the README's option commands do")
+                        "--baselines none (or with no names) runs none, as the README's option commands do")
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="distillation (and evaluation) seeds; seed 0's steps have no suffix, seed s>0 "
@@ -121,6 +121,11 @@ def main():
                         "(default folder results/cifar10-BUDGET[-NET]-OPTIONS)")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
+    if args.baselines == ["none"]:
+        args.baselines = []
+    unknown = [k for k in args.baselines if k not in BASELINES]
+    if unknown:
+        p.error(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}, or none")
     b = BUDGETS[args.budget]
     ipcs = args.ipc or b["ipcs"]
     extra = shlex.split(args.options)

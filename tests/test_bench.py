@@ -47,6 +47,17 @@ def test_cifar10_bench_runs_seeds_writes_tables_and_resumes(tmp_path):
     assert "| atom | 1 | 1 | 3 |" in table and "| atom | 1 | 0 |" not in table
 
 
+def test_cifar10_bench_baselines_none_runs_only_the_methods_and_unknown_names_are_refused(tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    run = run_bench("--data-root", str(tmp_path / "data"), "--methods", "dm", "--baselines", "none",
+                    "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert set(json.loads((out / "steps.json").read_text())) == {"dm-ipc1", "eval-dm-ipc1"}
+    bad = run_bench("--data-root", str(tmp_path / "data"), "--baselines", "randm", "--out", str(out))
+    assert bad.returncode == 2 and "unknown baseline randm" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
     write_cifar10(tmp_path / "data")
     out = tmp_path / "ablation"
