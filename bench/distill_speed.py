@@ -21,12 +21,14 @@ by side: per (method, IPC), `--rounds` rounds of one process of today's code the
 (A, B, A, B, ...), so that load on a shared machine hits both alike; s/iter is the median over
 all their timed iterations, peak memory the largest of their processes, and new/base the ratio
 of the s/iter medians. `--precision bf16` times today's code under bf16 autocast.
-Options of the loop (--factor, --nets, --pool-*, --mmd-kernel, --compile) apply to today's code's
-rows: `--compile --baseline HEAD` times the compiled iteration beside the eager one of the same code.
+Options of the loop (--factor, --nets, --pool-*, --mmd-kernel) apply to both codes' rows, so that
+new/base compares the same computation; --compile and --precision to today's code's rows only:
+`--compile --baseline HEAD` times the compiled iteration beside the eager one of the same code.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -41,6 +43,7 @@ from atomdistill.evaluate import cpu_name  # noqa: E402
 
 
 LOOP_OPTIONS = ("factor", "nets", "pool_size", "pool_steps", "pool_refresh", "mmd_kernel", "compile")
+DEFAULTS = {"factor": 1, "nets": "random", "pool_size": 100, "pool_steps": 10, "pool_refresh": 30, "mmd_kernel": None}
 
 
 def measure(args) -> dict:
@@ -55,7 +58,14 @@ def measure(args) -> dict:
     if args.one_code == "base":
         import baseline
         distill = importlib.import_module(baseline.load(args.baseline).__name__ + ".distill")
-        extra = {}
+        # The loop's options apply to both codes (but --compile: compiled against eager), so that
+        # new/base compares the same computation; a revision without an option set here cannot.
+        fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
+        extra = {k: getattr(args, k) for k in LOOP_OPTIONS if k != "compile" and k in fields}
+        missing = [k for k in LOOP_OPTIONS if k != "compile" and k not in fields and getattr(args, k) != DEFAULTS[k]]
+        if missing:
+            raise SystemExit(f"revision {args.baseline} has no option {', '.join('--' + k.replace('_', '-') for k in missing)}; "
+                             "time it without that option or against a later revision")
     else:
         distill = importlib.import_module("atomdistill.distill")
         extra = {"precision": args.precision, **{k: getattr(args, k) for k in LOOP_OPTIONS}}
@@ -90,7 +100,8 @@ def measure(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kB -> GB
         mem = f"{peak:.2f} GB RSS"
     return {"method": args.one_method, "ipc": args.one_ipc, "s_per_iter": statistics.median(times[args.warmup:]),
-            "times": times[args.warmup:], "cpu_s_per_iter": statistics.median(cpu_times[args.warmup:]), "peak_gb": peak, "memory": mem, "device": str(device)}
+            "times": times[args.warmup:], "cpu_s_per_iter": statistics.median(cpu_times[args.warmup:]), "peak_gb": peak, "memory": mem, "device": str(device),
+            "factor": getattr(d.config, "factor", 1)}
 
 
 def main():
@@ -110,12 +121,12 @@ def main():
     p.add_argument("--baseline", default=None, help="git revision to time beside today's code (A, B, A, B ...)")
     p.add_argument("--rounds", type=int, default=2, help="with --baseline: processes per code, alternating")
     p.add_argument("--json", default=None, help="also write the rows here")
-    p.add_argument("--factor", type=int, default=1)
-    p.add_argument("--nets", choices=("random", "pool"), default="random")
-    p.add_argument("--pool-size", type=int, default=100)
-    p.add_argument("--pool-steps", type=int, default=10)
-    p.add_argument("--pool-refresh", type=int, default=30)
-    p.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None)
+    p.add_argument("--factor", type=int, default=DEFAULTS["factor"])
+    p.add_argument("--nets", choices=("random", "pool"), default=DEFAULTS["nets"])
+    p.add_argument("--pool-size", type=int, default=DEFAULTS["pool_size"])
+    p.add_argument("--pool-steps", type=int, default=DEFAULTS["pool_steps"])
+    p.add_argument("--pool-refresh", type=int, default=DEFAULTS["pool_refresh"])
+    p.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=DEFAULTS["mmd_kernel"])
     p.add_argument("--compile", action="store_true", help="today's code with torch.compile (warm-up excluded "
                    "by --warmup; beside --baseline HEAD it times compiled against eager)")
     p.add_argument("--one-method", help=argparse.SUPPRESS)

@@ -58,6 +58,19 @@ def test_cifar10_bench_baselines_none_runs_only_the_methods_and_unknown_names_ar
     assert bad.returncode == 2 and "unknown baseline randm" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_distill_speed_applies_the_loop_options_to_both_codes(tmp_path):
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(BENCH.parent / "distill_speed.py"), "--dataset", "digits", "--ipc", "1",
+                          "--methods", "atom", "--iterations", "2", "--warmup", "1", "--baseline", "HEAD",
+                          "--rounds", "1", "--factor", "2", "--json", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [r["code"].split()[0] for r in rows] == ["new", "base"], run.stdout
+    assert [r["factor"] for r in rows] == [2, 2]   # new/base compares the same computation
+    assert "new/base" in run.stdout and "failed" not in run.stdout
+
+
 def test_ablation_varies_one_weight_from_a_pinned_base(tmp_path):
     write_cifar10(tmp_path / "data")
     out = tmp_path / "ablation"
