@@ -132,7 +132,7 @@ class _AttentionSums(torch.autograd.Function):
     def backward(ctx, grad_spatial: torch.Tensor, grad_channel: torch.Tensor):
         f, = ctx.saved_tensors
         p = ctx.power
-        b, c, h, w = f.shape
+        _, c, h, w = f.shape
         grad = torch.empty_like(f)
         for sl in _batch_slices(f):
             x = f[sl]
