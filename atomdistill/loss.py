@@ -118,15 +118,9 @@ class _AttentionSums(torch.autograd.Function):
     def forward(ctx, f: torch.Tensor, power: float, spatial: bool, channel: bool):
         ctx.save_for_backward(f)
         ctx.power, ctx.spatial, ctx.channel = power, spatial, channel
-        sums_s, sums_c = [], []
-        for sl in _batch_slices(f):
-            a = abs_pow(f[sl], power)   # grad mode is off in forward: squared in place
-            if spatial:
-                sums_s.append(a.sum(1).flatten(1))
-            if channel:
-                sums_c.append(a.flatten(2).sum(2))
-        empty = f.new_empty(0)
-        return torch.cat(sums_s) if spatial else empty, torch.cat(sums_c) if channel else empty
+        # Grad mode is off in forward, so abs_pow squares each slice in place.
+        parts = [_plain_attention_sums(f[sl], power, spatial, channel) for sl in _batch_slices(f)]
+        return tuple(torch.cat(p) if p[0].numel() else p[0] for p in zip(*parts))
 
     @staticmethod
     def backward(ctx, grad_spatial: torch.Tensor, grad_channel: torch.Tensor):
@@ -153,10 +147,15 @@ class _AttentionSums(torch.autograd.Function):
 def attention_sums(f: torch.Tensor, power: float, spatial: bool = True, channel: bool = True):
     """(sum_c |f|^p as [B, H*W] or empty, sum_{h,w} |f|^p as [B, C] or empty) of activations f [B, C, H, W]."""
     if torch.compiler.is_compiling():   # inductor fuses the plain expression itself
-        a = abs_pow(f, power)
-        empty = f.new_empty(0)
-        return (a.sum(1).flatten(1) if spatial else empty), (a.flatten(2).sum(2) if channel else empty)
+        return _plain_attention_sums(f, power, spatial, channel)
     return _AttentionSums.apply(f, power, spatial, channel)
+
+
+def _plain_attention_sums(f: torch.Tensor, power: float, spatial: bool, channel: bool):
+    """attention_sums as plain tensor expressions, over the whole of f."""
+    a = abs_pow(f, power)
+    empty = f.new_empty(0)
+    return (a.sum(1).flatten(1) if spatial else empty), (a.flatten(2).sum(2) if channel else empty)
 
 
 class MatchingLoss:
