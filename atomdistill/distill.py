@@ -110,9 +110,6 @@ class DistillConfig:
             self.factor = check_factor(self.factor)
         if self.nets not in ("random", "pool"):
             raise ConfigError(f"nets must be 'random' or 'pool', got {self.nets!r}")
-        if self.pool_size < 1 or self.pool_refresh < 1 or self.pool_steps < 0:
-            raise ConfigError(f"need pool_size >= 1, pool_refresh >= 1 and pool_steps >= 0; got {self.pool_size}, "
-                              f"{self.pool_refresh}, {self.pool_steps}")
         if self.mmd_kernel is not None:
             loss_weights(self.method, mmd_kernel=self.mmd_kernel)   # validates the kernel name
 
@@ -154,7 +151,8 @@ EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoi
 
 # Numeric options: whole numbers with their least value, and real numbers that must be finite.
 _INT_FIELDS = {"ipc": 1, "iterations": 0, "batch_real": 1, "real_chunk": 1, "image_size": 1, "seed": None,
-               "checkpoint_every": 1, "log_every": 1, "eval_every": 0, "eval_runs": 1, "eval_epochs": 0}
+               "checkpoint_every": 1, "log_every": 1, "eval_every": 0, "eval_runs": 1, "eval_epochs": 0,
+               "pool_size": 1, "pool_refresh": 1, "pool_steps": 0}
 _FLOAT_FIELDS = ("lr", "momentum", "spatial", "channel", "mmd", "power", "scale")
 
 

@@ -73,5 +73,7 @@ def test_a_class_shard_refuses_the_pool():
 def test_pool_options_are_checked():
     with pytest.raises(ConfigError, match="nets must be"):
         DistillConfig(nets="trained")
-    with pytest.raises(ConfigError, match="pool_size >= 1"):
+    with pytest.raises(ConfigError, match="--pool-size must be at least 1, got 0"):
         DistillConfig(nets="pool", pool_size=0)
+    with pytest.raises(ConfigError, match="--pool-steps must be a whole number"):
+        DistillConfig(nets="pool", pool_steps=2.5)
