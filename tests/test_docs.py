@@ -48,7 +48,7 @@ def anchors(path: Path) -> set[str]:
 
 
 def test_docs_exist():
-    for name in ("method.md", "evaluation.md", "benchmarks.md", "distributed.md"):
+    for name in ("method.md", "evaluation.md", "benchmarks.md", "beyond-atom.md", "distributed.md"):
         assert (ROOT / "docs" / name).is_file(), name
 
 
