@@ -54,7 +54,7 @@ from .augment import DSA, DSAParams
 from .data import ImageDataset
 from .errors import ConfigError
 from .io import write_json
-from .models import build_model
+from .models import build_model, model_info
 from .rng import Stream, generator, seeded
 from .runtime import autocast, check_precision, compiled, resolve_device
 from .synset import SyntheticSet
@@ -120,6 +120,8 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     check_compatible(synset, dataset)
     if isinstance(models, str):
         models = [models]
+    for name in models:   # an unknown name fails now, not after the networks before it have trained
+        model_info(name)
     if test is None:
         test = (synset.prepare_real(dataset.test_images), dataset.test_labels)
     dev = resolve_device(device)

@@ -126,6 +126,16 @@ def test_batchnorm_models_train_batched_and_sequentially(data, noisy):
     assert np.allclose(a, b, rtol=0, atol=1.0 / len(noisy.test_labels) + 1e-9), (a, b)
 
 
+def test_an_unknown_model_fails_before_any_network_trains(data, monkeypatch):
+    trained = []
+    monkeypatch.setattr(ev, "train_and_test", lambda *a, **k: trained.append(a[4]) or [0.5])
+    with pytest.raises(ConfigError, match="Unknown model 'resnet99'"):
+        evaluate(as_set(data), data, models=["convnet", "resnet99"], runs=1, epochs=0, progress=False)
+    assert trained == []
+    evaluate(as_set(data), data, models=["convnet"], runs=1, epochs=0, progress=False)
+    assert trained == ["convnet"]   # the stand-in is what evaluate calls, so the check above can fail
+
+
 def test_mismatched_normalisation_or_shape_raises(data):
     with pytest.raises(ConfigError, match="another dataset or normalisation"):
         evaluate(as_set(data, mean=(0.5,)), data, runs=1, epochs=0, progress=False)
