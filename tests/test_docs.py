@@ -1,4 +1,5 @@
 """The repository's documentation stands on its own: nothing points outside it, every link resolves."""
+import importlib.util
 import re
 from pathlib import Path
 
@@ -73,3 +74,28 @@ def test_relative_links_resolve(path):
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"line {n}: {target} (no heading #{anchor} in {dest.name})")
     assert not broken, f"{path.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def beyond_tables():
+    spec = importlib.util.spec_from_file_location("beyond_tables", ROOT / "bench" / "beyond_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_beyond_atom_figures_agree_between_readme_and_docs():
+    tables = beyond_tables()
+    readme, page = (ROOT / "README.md").read_text(encoding="utf-8"), (ROOT / "docs" / "beyond-atom.md").read_text(encoding="utf-8")
+    assert tables.check(readme, page) == []
+    # Each kind of slip is caught: a per-seed figure that no longer gives the row's mean and std,
+    # a seed count that does not match the figures, and a hand-edited cell on the page.
+    assert "38.01, 37.84, 38.06" in readme and "| 3 | **37.97 ± 0.11** |" in readme
+    slipped = tables.check(readme.replace("38.01, 37.84, 38.06", "38.01, 37.84, 39.06"), page)
+    assert any("mean 37.97, per-seed figures give 38.30" in p for p in slipped)
+    assert any("std 0.11, per-seed figures give" in p for p in slipped)
+    moved = tables.check(readme.replace("**37.97 ± 0.11**", "**38.97 ± 0.11**"), page)   # the page's cells follow
+    assert any("should read" in p and "**+11.62 (0.55, 3/3)**" in p for p in moved)
+    assert any("3 seeds stated, 2 figures given" in p
+               for p in tables.check(readme.replace("38.01, 37.84, 38.06", "38.01, 37.84, –"), page))
+    assert "**+10.62 (0.55, 3/3)**" in page
+    assert any("should read" in p for p in tables.check(readme, page.replace("**+10.62 (0.55, 3/3)**", "**+10.72 (0.55, 3/3)**")))
