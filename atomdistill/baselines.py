@@ -64,6 +64,8 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
         raise ConfigError(f"ipc must be a positive integer, got {ipc!r}; pass e.g. --ipc 10")
     if isinstance(embed_epochs, bool) or not isinstance(embed_epochs, int) or embed_epochs < 1:
         raise ConfigError(f"embed_epochs must be a positive integer, got {embed_epochs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     class_indices = dataset.class_indices()
     check_ipc(dataset, ipc)
     dev = resolve_device(device)

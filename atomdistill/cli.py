@@ -17,8 +17,11 @@ from .evaluate import EvalProtocol
 DATASET_HELP = ", ".join(f"{name} ({spec.about})" for name, spec in DATASETS.items()) + f"; default {DEFAULT_DATASET}"
 
 
-def _floats(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
+def _block_numbers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, e.g. 1,2; got {text!r}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss weights (override the preset)")
     for name, text in (("spatial", "w_s"), ("channel", "w_c"), ("mmd", "lambda"), ("power", "p"), ("scale", "scale")):
         g.add_argument(f"--{name}", type=float, default=None, help=text)
-    g.add_argument("--layers", type=_floats, default=None, help="intermediate blocks, e.g. 1,2")
+    g.add_argument("--layers", type=_block_numbers, default=None, help="intermediate blocks, e.g. 1,2")
     g.add_argument("--mmd-kernel", choices=("linear", "gaussian"), default=None,
                    help="final-layer term: linear (class means, default) or gaussian (M3D's kernel MMD)")
     g = p.add_argument_group("beyond ATOM: multi-formation and the network source")

@@ -150,7 +150,7 @@ EXECUTION_FIELDS = {"data_root", "device", "iterations", "real_chunk", "checkpoi
                     "eval_every", "eval_models", "eval_runs", "eval_epochs"}
 
 # Numeric options: whole numbers with their least value, and real numbers that must be finite.
-_INT_FIELDS = {"ipc": 1, "iterations": 0, "batch_real": 1, "real_chunk": 1, "image_size": 1, "seed": None,
+_INT_FIELDS = {"ipc": 1, "iterations": 0, "batch_real": 1, "real_chunk": 1, "image_size": 1, "seed": 0,
                "checkpoint_every": 1, "log_every": 1, "eval_every": 0, "eval_runs": 1, "eval_epochs": 0,
                "pool_size": 1, "pool_refresh": 1, "pool_steps": 0}
 _FLOAT_FIELDS = ("lr", "momentum", "spatial", "channel", "mmd", "power", "scale")
@@ -164,7 +164,7 @@ def check_numbers(cfg: DistillConfig) -> None:
             continue
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):
             raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {v!r}")
-        if least is not None and v < least:
+        if v < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {v}")
     for name in _FLOAT_FIELDS:
         v = getattr(cfg, name)

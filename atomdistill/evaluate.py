@@ -82,6 +82,8 @@ class EvalProtocol:
         if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"need runs >= 1, epochs >= 0 and batch_size >= 1; got {self.runs}, {self.epochs}, "
                               f"{self.batch_size}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         check_precision(self.precision)
 
     @classmethod

@@ -255,7 +255,7 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     kind = proxy if isinstance(proxy, str) and proxy in ("random", "full") else "set"
     if epochs is None:
         epochs = DEFAULT_FULL_PROXY_EPOCHS if kind == "full" else DEFAULT_EPOCHS
-    for what, v in (("epochs", epochs), ("full_epochs", full_epochs)):
+    for what, v in (("epochs", epochs), ("full_epochs", full_epochs), ("seed", seed)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"{what} must be an integer >= 0; got {v!r}")
     for what, v in (("runs", runs), ("full_runs", full_runs)):

@@ -101,3 +101,12 @@ def test_resume_applies_or_refuses_every_option_it_is_given(tmp_path, capsys):
     assert s.info["iterations_done"] == 3
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval" in row for row in rows)
+
+
+def test_a_malformed_layers_list_names_the_expected_form(capsys):
+    # It named the parser's internal function ("invalid _floats value") before.
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--layers", "1,x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "atomdistill distill: error: argument --layers: expected block numbers separated by commas, e.g. 1,2; got '1,x'")

@@ -142,10 +142,20 @@ def test_a_kill_during_the_first_config_write_leaves_a_folder_both_commands_unde
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
-                                    "--pool-steps=-1", "--pool-size=0"])
+                                    "--pool-steps=-1", "--pool-size=0", "--seed=-1"])
 def test_non_finite_or_impossible_options_are_refused_at_the_start(tmp_path, capsys, option):
     refused(capsys, ["distill", *RUN_ARGS, option, "--out", tmp_path / "r"], option.split("=")[0])
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "SET", "--runs", "1", "--epochs", "1"],
+                                     ["baseline", "random", "--ipc", "1"], ["baseline", "herding", "--ipc", "1"],
+                                     ["nas", "--proxy", "SET", "--grid", "depth=1", "--epochs", "1"]])
+def test_a_negative_seed_is_refused_before_any_work(good_run, tmp_path, capsys, command):
+    # numpy's seeding raised a bare ValueError deep inside (after NAS had drawn its progress bar).
+    argv = [str(good_run) if a == "SET" else a for a in command]
+    refused(capsys, [*argv, "--seed", "-1", "--out", tmp_path / "out"], "seed must be an integer >= 0", "-1")
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_refuses_non_finite_numbers_in_the_api():
