@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .augment import DSA
 from .data import DEFAULT_DATASET, ImageDataset, check_ipc, load_dataset, zca_by_default
-from .errors import AtomDistillError, ConfigError
+from .errors import AtomDistillError, ConfigError, check_option_names
 from .evaluate import EvalProtocol, evaluate
 from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_leftover, remove_stale_temporaries,
                  write_json)
@@ -232,6 +232,7 @@ def distill(dataset: ImageDataset | str | None = None, ipc: int = 10, method: st
     data = dataset if isinstance(dataset, ImageDataset) else None
     name = data.name if data is not None else (dataset or options.pop("dataset", "digits"))
     options.pop("dataset", None)
+    check_option_names(options, (f.name for f in dataclasses.fields(DistillConfig)), "distillation")
     config = DistillConfig(dataset=name, ipc=ipc, method=method, **options)
     return Distiller(config, data=data, out=out, resume=resume, overwrite=overwrite, progress=progress).run()
 
@@ -264,9 +265,7 @@ def load_run_config(run_dir: str | Path, **overrides) -> DistillConfig:
         raise AtomDistillError(f"{cfg_path} is damaged ({reason}); start the run again with its original "
                                "`atomdistill distill` command and --overwrite") from None
     given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(DistillConfig)})
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; use DistillConfig's fields")
+    check_option_names(given, (f.name for f in dataclasses.fields(DistillConfig)), "distillation")
     after = DistillConfig.from_dict({**saved, **given})
     for name in given:
         if name not in EXECUTION_FIELDS and getattr(after, name) != getattr(before, name):

@@ -1,4 +1,6 @@
 """User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
+import difflib
+from typing import Iterable
 
 
 class AtomDistillError(Exception):
@@ -11,3 +13,13 @@ class DatasetError(AtomDistillError):
 
 class ConfigError(AtomDistillError):
     """An option or combination of options is invalid."""
+
+
+def check_option_names(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """ConfigError naming each of `given` that is not in `known`, with the closest known name."""
+    known = sorted(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        named = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
+                 else repr(name) for name in unknown]
+        raise ConfigError(f"unknown {what} option(s) {', '.join(named)}; the options are {', '.join(known)}")

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 import platform
 import time
@@ -52,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .augment import DSA, DSAParams
 from .data import ImageDataset
-from .errors import ConfigError
+from .errors import ConfigError, check_option_names
 from .io import write_json
 from .models import build_model, model_info
 from .rng import Stream, generator, seeded
@@ -79,11 +81,14 @@ class EvalProtocol:
     compile: bool = False            # torch.compile the networks: faster after a warm-up; rounds differently
 
     def __post_init__(self):
-        if self.runs < 1 or self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError(f"need runs >= 1, epochs >= 0 and batch_size >= 1; got {self.runs}, {self.epochs}, "
-                              f"{self.batch_size}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name, least in (("runs", 1), ("epochs", 0), ("batch_size", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
         check_precision(self.precision)
 
     @classmethod
@@ -92,10 +97,7 @@ class EvalProtocol:
         non-None `fields` replacing its values."""
         base = dataclasses.asdict(protocol) if isinstance(protocol, EvalProtocol) else dict(protocol or {})
         base.update({k: v for k, v in fields.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(base) - known)
-        if unknown:
-            raise ConfigError(f"unknown evaluation option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        check_option_names(base, (f.name for f in dataclasses.fields(cls)), "evaluation")
         return cls(**base)
 
     def to_dict(self) -> dict:

@@ -85,7 +85,7 @@ def test_resume_applies_execution_options_and_refuses_the_others(tmp_path):
     assert extended.info["iterations_done"] == 3
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["iterations"] == 3 and saved["log_every"] == 1   # a later plain resume keeps them
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="unknown distillation option"):
         resume(run, learning_rate=2, progress=False)
 
 

@@ -199,5 +199,14 @@ def test_one_protocol_everywhere(data, tmp_path):
         f.name for f in dataclasses.fields(EvalProtocol)}
     with pytest.raises(ConfigError, match="unknown evaluation option"):
         evaluate(as_set(data), data, learning_rate=0.1, progress=False)
-    with pytest.raises(ConfigError, match="runs >= 1"):
-        EvalProtocol(runs=0)
+    with pytest.raises(ConfigError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
+        evaluate(as_set(data), data, epoch=2, progress=False)
+    # each field is checked for its kind as well as its range (runs="3" failed on `<` before)
+    for bad, message in ((dict(runs=0), "runs must be an integer >= 1, got 0"),
+                         (dict(runs="3"), "runs must be an integer >= 1, got '3'"),
+                         (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
+                         (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+                         (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+                         (dict(weight_decay=-1e-4), "weight_decay must be a finite number >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            EvalProtocol(**bad)

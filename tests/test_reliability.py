@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import atomdistill.io as io_module
-from atomdistill import SyntheticSet, distill
+from atomdistill import SyntheticSet, distill, resume
 from atomdistill.cli import main
 from atomdistill.distill import DistillConfig, Distiller
 from atomdistill.errors import AtomDistillError, ConfigError, DatasetError
@@ -156,6 +156,15 @@ def test_a_negative_seed_is_refused_before_any_work(good_run, tmp_path, capsys, 
     argv = [str(good_run) if a == "SET" else a for a in command]
     refused(capsys, [*argv, "--seed", "-1", "--out", tmp_path / "out"], "seed must be an integer >= 0", "-1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_option_in_the_api_is_named_with_the_closest_one(good_run, tmp_path):
+    # distill(iters=...) was a bare TypeError from the dataclass; resume's overrides said only "unknown".
+    with pytest.raises(ConfigError, match=r"unknown distillation option\(s\) 'iters' \(did you mean 'iterations'\?\)"):
+        distill("digits", ipc=1, iters=2, out=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match=r"'checkpoint_evry' \(did you mean 'checkpoint_every'\?\)"):
+        resume(good_run, checkpoint_evry=5)
 
 
 def test_config_refuses_non_finite_numbers_in_the_api():
