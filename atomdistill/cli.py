@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from .data import DATASETS, DEFAULT_DATASET
@@ -143,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zca", dest="zca", action="store_true", default=None)
     p.add_argument("--no-zca", dest="zca", action="store_false")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (its grid goes beside it as .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out set")
 
     p = sub.add_parser("show", help="save a PNG grid (and optionally an image folder) of a set")
     p.add_argument("set")
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--folder", default=None, help="also export one PNG per image into this folder")
+    p.add_argument("--out", default="grid.png", help="the PNG grid (an earlier grid there is replaced)")
+    p.add_argument("--folder", default=None, help="also export one PNG per image into this new or empty folder")
     p.add_argument("--decoded", action="store_true",
                    help="show the images training sees (a multi-formation set's decoded tiles), not the stored ones")
 
@@ -165,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", default=None, help="the code that made it (dc, dsa, dm, datadam, mtt): records "
                                                    "the network and DSA it evaluates with")
     p.add_argument("--method", default=None, help="name of the set in tables (default: the origin or format)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (its grid goes beside it as .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out set")
 
     p = sub.add_parser("export", help="write a set in another tool's format (dc, mtt, folder)")
     p.add_argument("set")
     p.add_argument("--format", required=True, help="dc, mtt or folder (as for import)")
-    p.add_argument("--out", required=True, help="a .pt file (dc) or a folder (mtt, folder)")
+    p.add_argument("--out", required=True, help="a .pt file (dc) or a new or empty folder (mtt, folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (dc)")
 
     p = sub.add_parser("nas", help="architecture search with a proxy set: does it rank ConvNets like whole data?")
     p.add_argument("--proxy", required=True,
@@ -285,7 +289,7 @@ def _evaluate(args, group):
     from .data import load_dataset
     from .evaluate import evaluate, evaluation_record, format_result, full_training_set
     from .interop import annotate_record, describe_settings, label_controls, made_for, settings_advice
-    from .io import check_writable, write_json
+    from .io import check_new_file, write_json
     from .synset import SyntheticSet
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     if args.set == "full":
@@ -297,11 +301,13 @@ def _evaluate(args, group):
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, seed=args.seed, precision=args.precision,
                             compile=args.compile)
     out = Path(args.out) if args.out else default_out
-    # before the training, not after it: a record that cannot be written would lose the whole run
+    # before the training, not after it: a record that cannot be written would lose the whole run.
+    # An earlier record (.json) is replaced; the set itself or any other file is not.
+    check_out = partial(check_new_file, out, overwrite=None, inputs=[set_file(args.set)], remade=(".json",))
     if group is None:
-        check_writable(out)
+        check_out()
     else:
-        group.on_main(check_writable, out)
+        group.on_main(check_out)
     if group is not None:
         evaluate = group.evaluate
     def run(s):
@@ -332,11 +338,26 @@ def _evaluate(args, group):
     print(f"record: {out}")
 
 
+def set_file(path: str, name: str = "synset.safetensors") -> Path:
+    """The file a command reads for PATH: PATH itself, or NAME inside it when it is a run folder."""
+    return Path(path) / name if Path(path).is_dir() else Path(path)
+
+
+def check_set_out(args, inputs=()) -> None:
+    """A command's --out set: not a .png (its grid is written beside it as .png), never one of its
+    inputs, and an existing file only with --overwrite."""
+    from .io import check_new_file
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise AtomDistillError(f"--out {out} would be both the set and its grid (the grid goes beside the set as "
+                               f".png); pass e.g. --out {out.with_suffix('.safetensors')}")
+    check_new_file(out, overwrite=args.overwrite, inputs=[i for i in inputs if i])
+
+
 def cmd_baseline(args):
     from .baselines import select_coreset
     from .data import load_dataset
-    from .io import check_writable
-    check_writable(args.out)   # before the selection, which may train an embedding network
+    check_set_out(args)   # before the selection, which may train an embedding network
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     synset = select_coreset(data, args.ipc, args.kind, seed=args.seed, embedding=args.embedding,
                             embed_epochs=args.embed_epochs, device=args.device, zca=args.zca,
@@ -350,7 +371,11 @@ def cmd_baseline(args):
 
 def cmd_show(args):
     from .synset import SyntheticSet
+    from .io import check_new_file, check_new_folder
     synset = SyntheticSet.load(args.set)
+    check_new_file(args.out, overwrite=None, inputs=[set_file(args.set)], remade=(".png",))
+    if args.folder:
+        check_new_folder(args.folder)
     print(f"{synset}\ngrid: {synset.save_grid(args.out, decoded=args.decoded)}")
     if args.folder:
         print(f"images: {synset.export_folder(args.folder, decoded=args.decoded)}")
@@ -360,6 +385,7 @@ def cmd_import(args):
     from .data import load_dataset
     from .interop import check_format, import_set
     check_format(args.format)   # before the dataset loads
+    check_set_out(args, inputs=[args.file, args.labels or ""])
     if args.dataset is None:
         raise AtomDistillError("import needs --dataset: the dataset the set was made from (its normalisation, "
                                "classes and test split)")
@@ -379,14 +405,29 @@ def cmd_import(args):
 
 
 def cmd_export(args):
-    from .interop import export_set
+    from .interop import check_format, export_set
+    from .io import check_new_file, check_new_folder
     from .synset import SyntheticSet
-    for line in export_set(SyntheticSet.load(args.set), args.format, args.out):
+    synset = SyntheticSet.load(args.set)
+    check_format(args.format)
+    if args.format == "dc":
+        check_new_file(args.out, overwrite=args.overwrite, inputs=[set_file(args.set)])
+    else:   # the other tools read every file of the folder as part of the set
+        check_new_folder(args.out)
+    for line in export_set(synset, args.format, args.out):
         print(line)
 
 
 def cmd_report(args):
+    from .io import check_new_file
     from .report import write_report
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        raise AtomDistillError(f"--out {out} would be both the report and its figure; pass a markdown name such as "
+                               "report.md (the figure goes beside it as .png)")
+    records = [set_file(r, "eval.json") for r in args.records]
+    check_new_file(out, overwrite=None, inputs=records, remade=(".md", ".txt"))
+    check_new_file(out.with_suffix(".png"), overwrite=None, inputs=records, remade=(".png",))
     print(write_report(args.records, args.out))
     print(f"\nwritten: {args.out}")
 

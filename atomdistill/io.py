@@ -99,6 +99,32 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> None:
         raise AtomDistillError(f"cannot write {path}: {_write_failure_reason(e, path)}") from None
 
 
+def check_new_file(path: str | os.PathLike, *, overwrite: bool | None, inputs=(), remade=()) -> None:
+    """Refuse now, before the work, to write the file `path` over something it would destroy: one
+    of the command's `inputs` (always), or any existing file unless `overwrite` or its suffix is
+    in `remade` (outputs such as a grid picture that the command makes again). `overwrite` None:
+    the command has no --overwrite. Then check_writable."""
+    path = Path(path)
+    if path.is_file():
+        if any(Path(i).is_file() and os.path.samefile(path, i) for i in inputs):
+            raise AtomDistillError(f"{path} is what this command reads; writing it would destroy it: choose another "
+                                   "output path")
+        if not overwrite and path.suffix.lower() not in remade:
+            raise AtomDistillError(f"{path} already exists; choose another output path"
+                                   + (", or pass --overwrite to replace it" if overwrite is not None else ""))
+    check_writable(path)
+
+
+def check_new_folder(path: str | os.PathLike) -> None:
+    """Refuse now a folder output that exists and is not empty: files an earlier export left there
+    would be read back as part of this one. Then check_writable."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        raise AtomDistillError(f"{path} is not empty; choose a new or empty folder (files left from an earlier "
+                               "export would be read back as part of this set)")
+    check_writable(path, folder=True)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
     """Delete the temporary files that killed atomic writes of `names` left in `folder`.
 

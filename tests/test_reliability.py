@@ -486,6 +486,44 @@ def test_distill_out_that_is_a_file_or_under_one(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_no_command_writes_over_its_input_or_an_earlier_result(run, tmp_path, capsys):
+    # `export RUN --format dc --out RUN/synset.safetensors` replaced the set with the export, and an
+    # export into a used folder mixed its PNGs with the earlier ones.
+    the_set = run / "synset.safetensors"
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.png").write_bytes(b"an earlier export")
+    (tmp_path / "earlier.pt").write_bytes(b"an earlier result")
+    before = snapshot(run, tmp_path / "used", tmp_path / "earlier.pt")
+    reads_it = "is what this command reads"
+    for argv, message in [
+            (["export", run, "--format", "dc", "--out", the_set, "--overwrite"], reads_it),
+            (["show", run, "--out", the_set], reads_it),
+            (["evaluate", run, "--runs", "1", "--epochs", "1", "--out", the_set], reads_it),
+            (["report", run, "--out", run / "eval.json"], "eval.json"),
+            (["export", run, "--format", "dc", "--out", tmp_path / "earlier.pt"], "pass --overwrite"),
+            (["show", run, "--out", tmp_path / "earlier.pt"], "already exists"),
+            (["export", run, "--format", "folder", "--out", tmp_path / "used"], "not empty"),
+            (["export", run, "--format", "mtt", "--out", run], "not empty"),
+            (["show", run, "--folder", tmp_path / "used"], "not empty"),
+            (["baseline", "random", "--ipc", "1", "--out", the_set], "pass --overwrite"),
+            (["baseline", "random", "--ipc", "1", "--out", tmp_path / "b.png"], "both"),
+            (["import", tmp_path / "earlier.pt", "--format", "dc", "--dataset", "digits", "--out", the_set],
+             "pass --overwrite")]:
+        if argv[0] == "report":
+            (run / "eval.json").write_text(json.dumps({"a record": 1}))
+            before[str(run / "eval.json")] = snapshot(run / "eval.json")[str(run / "eval.json")]
+        refused(capsys, argv, message)
+        assert snapshot(run, tmp_path / "used", tmp_path / "earlier.pt") == before, argv
+    # What a command makes again is replaced: the grid, the evaluation record, a set with --overwrite.
+    assert main(["show", str(run), "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["show", str(run), "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["export", str(run), "--format", "dc", "--out", str(tmp_path / "earlier.pt"), "--overwrite"]) == 0
+    assert main(["baseline", "random", "--ipc", "1", "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert main(["baseline", "random", "--ipc", "1", "--seed", "1", "--out", str(tmp_path / "b.safetensors"),
+                 "--overwrite"]) == 0
+    assert SyntheticSet.load(tmp_path / "b.safetensors").config["seed"] == 1
+
+
 @pytest.fixture
 def read_only(tmp_path, monkeypatch):
     """A read-only folder. chmod does not stop root, so there the writes into it fail by hand."""
