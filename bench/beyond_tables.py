@@ -3,9 +3,9 @@
 The README's per-seed figures are the record: each is one distillation seed's mean accuracy over its
 evaluation networks, read from that run's eval.json (results.convnet.accs). This script
 
-- checks every README row: its "seeds" count and its mean ± std against its per-seed figures (to
-  within 0.01, the rounding of the printed figures: bench/cifar10.py computes them from the
-  unrounded seed means);
+- checks every README row: its "seeds" count and its mean ± std against its per-seed figures, and
+  each seed's figure against its evaluation networks where the table lists them (to within 0.01,
+  the rounding of the printed figures: bench/cifar10.py computes them from unrounded accuracies);
 - derives docs/beyond-atom.md's two tables (one option's effect on each loss; the three losses under
   the same options) from the README rows' printed means, stds and per-seed figures, and either
   rewrites them between their markers (--write) or reports where the page disagrees (the default).
@@ -22,8 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README, PAGE = ROOT / "README.md", ROOT / "docs" / "beyond-atom.md"
-# The README tables this script reads, by the start of their header row.
-TABLES = {1: "| CIFAR-10, IPC 1 (10 stored images)", 10: "| CIFAR-10, IPC 10 (100 stored images), 200 iterations"}
+# The README tables this script reads, by (IPC, iterations) and the start of their header row. Their
+# first five columns are: the set, its options, seeds, mean ± std over seeds, per-seed figures.
+TABLES = {(1, 300): "| CIFAR-10, IPC 1 (10 stored images)",
+          (10, 200): "| CIFAR-10, IPC 10 (100 stored images), 200 iterations",
+          (10, 1000): "| CIFAR-10, IPC 10 (100 stored images), 1,000 iterations"}
+P1_ITERATIONS = {1: 300, 10: 200}   # the budget of the page's two tables
 LOSSES = ("atom", "datadam", "dm")
 POOL, KERNEL, FACTOR = "--nets pool --pool-steps 2", "--mmd-kernel gaussian", "--factor 2"
 # Table 1: (IPC, the option as the page names it, the options with it, without it, "added to").
@@ -50,6 +54,7 @@ BEGIN, END = "<!-- beyond_tables.py: {} (generated from the README; edit there, 
 @dataclass
 class Row:
     ipc: int
+    iterations: int
     loss: str | None          # None for the random-image rows
     options: str
     mean: int                 # hundredths of a percent, as printed
@@ -68,27 +73,35 @@ def fmt(h: int) -> str:
 def readme_rows(readme: str) -> tuple[list[Row], list[str]]:
     """The rows of the README's Beyond ATOM tables, and the disagreements found within them."""
     rows, problems = [], []
-    for ipc, header in TABLES.items():
+    for (ipc, iterations), header in TABLES.items():
         start = readme.find(header)
         if start < 0:
             problems.append(f"README: no table starting {header!r}")
             continue
         lines = readme[start:].splitlines()
-        seed_order = [int(s) for s in re.findall(r"\d+", lines[0].rsplit("per seed", 1)[1])]
+        seed_order = [int(s) for s in re.findall(r"\d+", lines[0].split("per seed", 1)[1].split("|")[0])]
+        by_network = "| per evaluation network" in lines[0]   # a sixth column: "a, b, c; d, e, f" by seed
         for line in lines[2:]:
             if not line.startswith("|"):
                 break
-            label, option, count, accuracy, per_seed = (c.strip() for c in line.strip().strip("|").split("|"))
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            label, option, count, accuracy, per_seed = cells[:5]
             name = re.search(r"`([^`]+)`", label)
             loss = None if name is None else name.group(1).split("+")[0]
             seeds = {s: hundredths(v) for s, v in zip(seed_order, per_seed.split(",")) if v.strip() != "–"}
             m = re.fullmatch(r"\**([\d.]+)(?: ± ([\d.]+))?\**", accuracy)
-            row = Row(ipc, loss, "" if option == "–" else option.strip("`"), hundredths(m.group(1)),
+            row = Row(ipc, iterations, loss, "" if option == "–" else option.strip("`"), hundredths(m.group(1)),
                       None if m.group(2) is None else hundredths(m.group(2)), seeds)
             rows.append(row)
-            where = f"README, IPC {ipc}, {label} {option}"
+            where = f"README, IPC {ipc}, {iterations} iterations, {label} {option}"
             if int(count) != len(seeds):
                 problems.append(f"{where}: {count} seeds stated, {len(seeds)} figures given")
+            if by_network:
+                for seed, group in zip(seed_order, cells[5].split(";")):
+                    nets = [float(v) for v in group.split(",") if v.strip() != "–"]
+                    if nets and (seed not in seeds or abs(seeds[seed] - 100 * statistics.mean(nets)) > 1 + 1e-6):
+                        problems.append(f"{where}: seed {seed}'s evaluation networks give {statistics.mean(nets):.2f}, "
+                                        f"not its figure")
             values = [v / 100 for v in seeds.values()]
             if abs(row.mean - 100 * statistics.mean(values)) > 1 + 1e-6:
                 problems.append(f"{where}: mean {fmt(row.mean)}, per-seed figures give {statistics.mean(values):.2f}")
@@ -110,7 +123,7 @@ def compare(a: Row | None, b: Row | None) -> str:
 
 
 def page_tables(rows: list[Row]) -> dict[str, str]:
-    find = {(r.ipc, r.loss, r.options): r for r in rows if r.loss}
+    find = {(r.ipc, r.loss, r.options): r for r in rows if r.loss and r.iterations == P1_ITERATIONS[r.ipc]}
 
     def row(ipc, loss, options):
         r = find.get((ipc, loss, options))

@@ -97,5 +97,8 @@ def test_the_beyond_atom_figures_agree_between_readme_and_docs():
     assert any("should read" in p and "**+11.62 (0.55, 3/3)**" in p for p in moved)
     assert any("3 seeds stated, 2 figures given" in p
                for p in tables.check(readme.replace("38.01, 37.84, 38.06", "38.01, 37.84, –"), page))
+    assert "54.24, 54.71, 55.35; " in readme   # the 1,000-iteration table lists each evaluation network
+    assert any("seed 0's evaluation networks give 55.10" in p
+               for p in tables.check(readme.replace("54.24, 54.71, 55.35; ", "54.24, 54.71, 56.35; "), page))
     assert "**+10.62 (0.55, 3/3)**" in page
     assert any("should read" in p for p in tables.check(readme, page.replace("**+10.62 (0.55, 3/3)**", "**+10.72 (0.55, 3/3)**")))
