@@ -412,7 +412,9 @@ def _save_torch(obj, path: Path) -> None:
 
 
 def export_set(synset: SyntheticSet, fmt: str, out: str | Path) -> list[str]:
-    """Write `synset` in another tool's format (plain tensors, lists and dicts only); returns notes."""
+    """Write `synset` in another tool's format (plain tensors, lists and dicts only); returns notes.
+    Existing files at `out` are replaced, and others in an `out` folder stay: the CLI checks first
+    (cli.cmd_export: an existing file only with --overwrite, a folder only when new or empty)."""
     out = Path(out)
     check_format(fmt)
     # Other tools do not decode multi-formation sets: they get the images training sees.

@@ -130,7 +130,9 @@ class SyntheticSet:
         return Path(path)
 
     def export_folder(self, directory: str | os.PathLike, decoded: bool = False) -> Path:
-        """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours (stored, or `decoded`)."""
+        """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours (stored, or `decoded`).
+        Files already in DIRECTORY stay (the CLI asks for a new or empty folder): an earlier export of
+        a larger set would be read back with this one."""
         from PIL import Image
 
         directory = Path(directory)
