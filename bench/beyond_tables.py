@@ -37,6 +37,8 @@ EFFECTS = [
     (1, "pool", POOL, "", "–"),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}", FACTOR, "`--factor 2`"),
     (1, "`--factor 2` + pool", f"{FACTOR} {POOL}", FACTOR, "`--factor 2`"),
+    (1, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", f"{FACTOR} {KERNEL}", "`--factor 2` + kernel"),
+    (1, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", FACTOR, "`--factor 2`"),
     (10, "`--factor 2`", FACTOR, "", "–"),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}", FACTOR, "`--factor 2`"),
     (10, "`--factor 2` + pool", f"{FACTOR} {POOL}", FACTOR, "`--factor 2`"),
