@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data import ImageDataset, check_ipc, zca_by_default
-from .errors import ConfigError
+from .errors import ConfigError, check_integer
 from .io import atomic_path, hash_json
 from .models import build_model
 from .rng import Stream, generator, seeded
@@ -64,8 +64,7 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
         raise ConfigError(f"ipc must be a positive integer, got {ipc!r}; pass e.g. --ipc 10")
     if isinstance(embed_epochs, bool) or not isinstance(embed_epochs, int) or embed_epochs < 1:
         raise ConfigError(f"embed_epochs must be a positive integer, got {embed_epochs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer("seed", seed, 0)
     class_indices = dataset.class_indices()
     check_ipc(dataset, ipc)
     dev = resolve_device(device)

@@ -1,5 +1,6 @@
 """User-facing errors: the CLI prints their message and exits non-zero, without a traceback."""
 import difflib
+import numbers
 from typing import Iterable
 
 
@@ -23,3 +24,9 @@ def check_option_names(given: Iterable[str], known: Iterable[str], what: str) ->
         named = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
                  else repr(name) for name in unknown]
         raise ConfigError(f"unknown {what} option(s) {', '.join(named)}; the options are {', '.join(known)}")
+
+
+def check_integer(name: str, value, least: int) -> None:
+    """ConfigError unless `value` is a whole number (not a bool) of at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")

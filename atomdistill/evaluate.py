@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .augment import DSA, DSAParams
 from .data import ImageDataset
-from .errors import ConfigError, check_option_names
+from .errors import ConfigError, check_integer, check_option_names
 from .io import write_json
 from .models import build_model, model_info
 from .rng import Stream, generator, seeded
@@ -82,9 +82,7 @@ class EvalProtocol:
 
     def __post_init__(self):
         for name, least in (("runs", 1), ("epochs", 0), ("batch_size", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
-                raise ConfigError(f"{name} must be an integer >= {least}, got {v!r}")
+            check_integer(name, getattr(self, name), least)
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:

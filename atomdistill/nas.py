@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset
 from .distributed import LocalGroup, ProcessGroup
-from .errors import ConfigError
+from .errors import ConfigError, check_integer
 from .evaluate import DEFAULT_DSA, EvalProtocol, check_compatible, train_and_test
 from .io import hash_json, hash_tensors, write_json, write_text
 from .models import _ACT_ALIASES, _NORM_ALIASES, _POOL_ALIASES, build_model
@@ -255,12 +255,9 @@ def search(proxy: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str,
     kind = proxy if isinstance(proxy, str) and proxy in ("random", "full") else "set"
     if epochs is None:
         epochs = DEFAULT_FULL_PROXY_EPOCHS if kind == "full" else DEFAULT_EPOCHS
-    for what, v in (("epochs", epochs), ("full_epochs", full_epochs), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{what} must be an integer >= 0; got {v!r}")
-    for what, v in (("runs", runs), ("full_runs", full_runs)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{what} must be an integer >= 1; got {v!r}")
+    for what, v, least in (("epochs", epochs, 0), ("full_epochs", full_epochs, 0), ("seed", seed, 0),
+                           ("runs", runs, 1), ("full_runs", full_runs, 1)):
+        check_integer(what, v, least)
     # Files are read and written on rank 0 alone (group.on_main); every rank gets the result or the error.
     group = group if group is not None else LocalGroup(device)
     images, labels, test_images, stored, proxy_id, label = _proxy(proxy, kind, data, ipc, seed, epochs)
