@@ -20,13 +20,19 @@ DATASET_HELP = ", ".join(f"{name} ({spec.about})" for name, spec in DATASETS.ite
 
 def _block_numbers(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        numbers = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, e.g. 1,2; got {text!r}") from None
+        numbers = ()
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"expected block numbers separated by commas, e.g. 1,2; got {text!r}")
+    return numbers
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, e.g. convnet,resnet18; got {text!r}")
+    return names
 
 
 def _add_data_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_DATASET):

@@ -104,14 +104,14 @@ class DistillConfig:
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
         check_numbers(self)
-        loss_weights(self.method)   # validates the method name early
+        self.weights()   # validates the method, weights, layers and kernel now, not after the data has loaded
+        if not self.eval_models:
+            raise ConfigError("eval_models names no architecture: give at least one, e.g. ('convnet',)")
         check_precision(self.precision)
         if self.factor is not None:
             self.factor = check_factor(self.factor)
         if self.nets not in ("random", "pool"):
             raise ConfigError(f"nets must be 'random' or 'pool', got {self.nets!r}")
-        if self.mmd_kernel is not None:
-            loss_weights(self.method, mmd_kernel=self.mmd_kernel)   # validates the kernel name
 
     def resolved(self, image_size: int) -> "DistillConfig":
         """A copy with every automatic value made explicit for this dataset."""

@@ -122,6 +122,8 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     check_compatible(synset, dataset)
     if isinstance(models, str):
         models = [models]
+    if not models:
+        raise ConfigError("models names no architecture: give at least one, e.g. ('convnet', 'resnet18')")
     for name in models:   # an unknown name fails now, not after the networks before it have trained
         model_info(name)
     if test is None:

@@ -44,6 +44,9 @@ class LossWeights:
             raise ConfigError(f"attention power p must be > 0, got {self.power}")
         if self.spatial == self.channel == self.mmd == 0:
             raise ConfigError("all loss weights are zero: set at least one of spatial, channel, mmd")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("layers names no block: give at least one (e.g. layers=(1, 2), --layers 1,2), or "
+                              "leave it unset for all; to drop the attention terms set spatial and channel to 0")
         if self.mmd_kernel not in MMD_KERNELS:
             raise ConfigError(f"unknown mmd kernel {self.mmd_kernel!r}; choose one of {', '.join(MMD_KERNELS)}")
 

@@ -110,3 +110,27 @@ def test_a_malformed_layers_list_names_the_expected_form(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "atomdistill distill: error: argument --layers: expected block numbers separated by commas, e.g. 1,2; got '1,x'")
+
+
+def test_an_empty_list_is_refused_not_read_as_nothing(capsys):
+    # `--layers ,` ended in torch.cat's traceback mid-run, and `evaluate --models ,,` printed an
+    # empty table with rc 0: both now stop at the parser, naming the expected form.
+    for argv, expected in ((["distill", "--layers", ","], "--layers: expected block numbers"),
+                           (["evaluate", "s", "--models", ",,"], "--models: expected names separated by commas"),
+                           (["distill", "--eval-models", " "], "--eval-models: expected names separated by commas")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_api_refuses_an_empty_list_too():
+    import atomdistill as ad
+    with pytest.raises(ad.ConfigError, match="layers names no block"):
+        ad.DistillConfig(layers=())
+    with pytest.raises(ad.ConfigError, match="eval_models names no architecture"):
+        ad.DistillConfig(eval_models=[])
+    digits = ad.load_dataset("digits")
+    s = ad.distill(digits, ipc=1, iterations=0, progress=False)
+    with pytest.raises(ad.ConfigError, match="models names no architecture"):
+        ad.evaluate(s, digits, models=[])
