@@ -6,9 +6,12 @@ evaluation networks, read from that run's eval.json (results.convnet.accs). This
 - checks every README row: its "seeds" count and its mean ± std against its per-seed figures, and
   each seed's figure against its evaluation networks where the table lists them (to within 0.01,
   the rounding of the printed figures: bench/cifar10.py computes them from unrounded accuracies);
-- derives docs/beyond-atom.md's two tables (one option's effect on each loss; the three losses under
-  the same options) from the README rows' printed means, stds and per-seed figures, and either
-  rewrites them between their markers (--write) or reports where the page disagrees (the default).
+- checks the 1,000-iteration table's last column (the same seeds at 200 iterations) against the
+  200-iteration table's per-seed figures;
+- derives docs/beyond-atom.md's three tables (one option's effect on each loss; the three losses
+  under the same options; the longer budget) from the README rows' printed means, stds and per-seed
+  figures, and either rewrites them between their markers (--write) or reports where the page
+  disagrees (the default).
 
     python bench/beyond_tables.py           # check; exit 1 listing each disagreement
     python bench/beyond_tables.py --write   # rewrite the tables on docs/beyond-atom.md, then check
@@ -24,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README, PAGE = ROOT / "README.md", ROOT / "docs" / "beyond-atom.md"
 # The README tables this script reads: (IPC, iterations, the start of their header row, whether the
 # page's two tables are built from it). Their first five columns are: the set, its options, seeds,
-# mean ± std over seeds, per-seed figures.
+# mean ± std over seeds, per-seed figures. The 1,000-iteration table's last column gives the same
+# seeds' figures at 200 iterations.
 TABLES = [(1, 300, "| CIFAR-10, IPC 1 (10 stored images)", True),
           (10, 200, "| CIFAR-10, IPC 10 (100 stored images), 200 iterations", True),
           (10, 1000, "| CIFAR-10, IPC 10 (100 stored images), 1,000 iterations", False),
@@ -56,6 +60,7 @@ BEGIN, END = "<!-- beyond_tables.py: {} (generated from the README; edit there, 
 
 @dataclass
 class Row:
+    label: str                # the first cell
     ipc: int
     iterations: int
     on_page: bool             # from a table the page's tables are built from
@@ -64,6 +69,7 @@ class Row:
     mean: int                 # hundredths of a percent, as printed
     std: int | None           # None for one seed
     seeds: dict[int, int]     # seed -> its mean, hundredths
+    at_200: dict[int, int]    # 1,000-iteration rows: seed -> its figure at 200 iterations, hundredths
 
 
 def hundredths(text: str) -> int:
@@ -85,6 +91,8 @@ def readme_rows(readme: str) -> tuple[list[Row], list[str]]:
         lines = readme[start:].splitlines()
         seed_order = [int(s) for s in re.findall(r"\d+", lines[0].split("per seed", 1)[1].split("|")[0])]
         by_network = "| per evaluation network" in lines[0]   # a sixth column: "a, b, c; d, e, f" by seed
+        at_200_order = [int(s) for s in re.findall(r"\d+", lines[0].split("| 200 iterations", 1)[1])] \
+            if iterations != 200 and "| 200 iterations" in lines[0] else []
         for line in lines[2:]:
             if not line.startswith("|"):
                 break
@@ -94,8 +102,10 @@ def readme_rows(readme: str) -> tuple[list[Row], list[str]]:
             loss = None if name is None else name.group(1).split("+")[0]
             seeds = {s: hundredths(v) for s, v in zip(seed_order, per_seed.split(",")) if v.strip() != "–"}
             m = re.fullmatch(r"\**([\d.]+)(?: ± ([\d.]+))?\**", accuracy)
-            row = Row(ipc, iterations, on_page, loss, "" if option == "–" else option.strip("`"), hundredths(m.group(1)),
-                      None if m.group(2) is None else hundredths(m.group(2)), seeds)
+            at_200 = {s: hundredths(v) for s, v in zip(at_200_order, cells[-1].split(",")) if v.strip() != "–"} \
+                if at_200_order else {}
+            row = Row(label, ipc, iterations, on_page, loss, "" if option == "–" else option.strip("`"), hundredths(m.group(1)),
+                      None if m.group(2) is None else hundredths(m.group(2)), seeds, at_200)
             rows.append(row)
             where = f"README, IPC {ipc}, {iterations} iterations, {label} {option}"
             if int(count) != len(seeds):
@@ -112,6 +122,14 @@ def readme_rows(readme: str) -> tuple[list[Row], list[str]]:
             if len(values) > 1 and (row.std is None or abs(row.std - 100 * statistics.stdev(values)) > 1 + 1e-6):
                 problems.append(f"{where}: std {fmt(row.std) if row.std else 'missing'}, per-seed figures give "
                                 f"{statistics.stdev(values):.2f}")
+    at_200 = {(r.ipc, r.loss, r.options): r for r in rows if r.iterations == 200}
+    for r in rows:
+        if r.at_200:
+            short = at_200.get((r.ipc, r.loss, r.options))
+            differ = [s for s, v in r.at_200.items() if short is None or short.seeds.get(s) != v]
+            if differ:
+                problems.append(f"README, IPC {r.ipc}, {r.iterations} iterations, {r.label} {r.options}: "
+                                f"the 200-iteration figures of seed(s) {differ} are not the 200-iteration table's")
     return rows, problems
 
 
@@ -144,7 +162,18 @@ def page_tables(rows: list[Row]) -> dict[str, str]:
         means = [f"{fmt(r.mean)} ± {fmt(r.std)}" if r else "–" for r in by_loss.values()]
         margins = [compare(by_loss["atom"], by_loss[other]) for other in ("datadam", "dm")]
         same.append(f"| {ipc} | {name} | " + " | ".join(means + margins) + " |")
-    return {"effects": "\n".join(effects), "same options": "\n".join(same)}
+    longer = [r for r in rows if r.iterations == 1000 and r.loss]
+    seeds = sorted({s for r in longer for s in r.seeds})
+    budget = ["| IPC 10, 1,000 iterations | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean ± std | the same seeds at 200 iterations |", "|---" * (len(seeds) + 3) + "|"]
+    for r in longer:
+        name = re.search(r"`([^`]+)`", r.label).group(1)
+        name = name if "+" in name or not r.options else f"{name} {r.options}"   # `atom+`, `dm --factor 2`
+        figures = [fmt(r.seeds[s]) if s in r.seeds else "–" for s in seeds]
+        mean = f"{fmt(r.mean)} ± {fmt(r.std)}" if r.std is not None else "–"
+        budget.append(f"| `{name}` | " + " | ".join(figures) + f" | {mean} | "
+                      + ", ".join(fmt(r.at_200[s]) for s in sorted(r.at_200)) + " |")
+    return {"effects": "\n".join(effects), "same options": "\n".join(same), "longer budget": "\n".join(budget)}
 
 
 def splice(page: str, tables: dict[str, str]) -> tuple[str, list[str]]:

@@ -100,5 +100,12 @@ def test_the_beyond_atom_figures_agree_between_readme_and_docs():
     assert "54.24, 54.71, 55.35; " in readme   # the 1,000-iteration table lists each evaluation network
     assert any("seed 0's evaluation networks give 55.10" in p
                for p in tables.check(readme.replace("54.24, 54.71, 55.35; ", "54.24, 54.71, 56.35; "), page))
+    # The 1,000-iteration table's 200-iteration column must be the 200-iteration table's figures,
+    # and the page's copy of that table follows the README.
+    assert readme.count("54.70 ± 0.09 | 54.77, 54.64 |") == 1 and readme.count("| 50.87, 51.01 |") == 1
+    assert any("the 200-iteration figures of seed(s) [1] are not the 200-iteration table's" in p
+               for p in tables.check(readme.replace("| 50.87, 51.01 |", "| 50.87, 51.11 |"), page))
+    assert "| `dm --factor 2` | 54.77 | 54.64 | 54.70 ± 0.09 |" in page
+    assert any("should read" in p for p in tables.check(readme, page.replace("| 54.77 | 54.64 |", "| 54.77 | 54.46 |")))
     assert "**+10.62 (0.55, 3/3)**" in page
     assert any("should read" in p for p in tables.check(readme, page.replace("**+10.62 (0.55, 3/3)**", "**+10.72 (0.55, 3/3)**")))
