@@ -13,6 +13,7 @@ from pathlib import Path
 from .data import DATASETS, DEFAULT_DATASET
 from .distill import DistillConfig
 from .errors import AtomDistillError, ConfigError
+from .runtime import is_out_of_memory, out_of_memory_message
 from .evaluate import EvalProtocol
 
 DATASET_HELP = ", ".join(f"{name} ({spec.about})" for name, spec in DATASETS.items()) + f"; default {DEFAULT_DATASET}"
@@ -483,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     except AtomDistillError as e:
         print(f"atomdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        # A size the machine cannot hold (e.g. --image-size 100000) is a user error, not a bug: one line.
+        print(f"atomdistill {args.command}: error: out of memory ({out_of_memory_message(e)}); lower the sizes "
+              "(--ipc, --image-size, --batch-real or --real-chunk when distilling) or run where there is more memory",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\natomdistill {args.command}: interrupted"
               + ("; continue with --resume RUN_DIR" if args.command == "distill" else

@@ -35,7 +35,7 @@ from .io import (FolderLock, atomic_path, check_writable, content_checksum, is_l
                  write_json)
 from .formation import check_factor, decode, decode_labels, encode
 from .loss import ClassMeans, MatchingLoss, loss_weights
-from .models import build_model
+from .models import build_model, model_info
 from .netpool import NetworkPool, random_network
 from .rng import Stream, generator, seeded
 from .runtime import autocast, check_precision, compiled, resolve_device
@@ -95,18 +95,15 @@ class DistillConfig:
         if self.layers is not None:
             self.layers = tuple(int(x) for x in self.layers)
         self.eval_models = tuple(self.eval_models)
-        if self.ipc < 1:
-            raise ConfigError(f"ipc must be at least 1, got {self.ipc}")
-        if self.iterations < 0:
-            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
-        if self.batch_real < 1 or (self.real_chunk is not None and self.real_chunk < 1):
-            raise ConfigError("batch_real and real_chunk must be at least 1")
         if self.init not in ("real", "noise"):
             raise ConfigError(f"init must be 'real' or 'noise', got {self.init!r}")
         check_numbers(self)
         self.weights()   # validates the method, weights, layers and kernel now, not after the data has loaded
         if not self.eval_models:
             raise ConfigError("eval_models names no architecture: give at least one, e.g. ('convnet',)")
+        for name in (self.net, *self.eval_models):   # an unknown name fails now, not when it is first built
+            if name is not None:
+                model_info(name)
         check_precision(self.precision)
         if self.factor is not None:
             self.factor = check_factor(self.factor)

@@ -17,6 +17,7 @@ lists the names and ``model_info(name)`` the defaults each name builds with.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Any, Callable
 
@@ -118,9 +119,9 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[key]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"Unknown model {name!r}; choose one of: {', '.join(list_models())}."
-        ) from None
+        close = difflib.get_close_matches(key, list_models(), 1) if isinstance(key, str) else []
+        raise ConfigError(f"unknown model {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; choose one of: {', '.join(list_models())}") from None
 
 
 def list_models() -> list[str]:

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 
 import torch
@@ -37,6 +38,23 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
                 and mallopt(_M_TOP_PAD, 64 << 20))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's failure to allocate memory (CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError, which has no class of its own)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_message(error: BaseException) -> str:
+    """What torch asked for, in words: "tried to allocate 45766.6 GiB" (the CPU allocator gives bytes)."""
+    text = str(error)
+    if m := re.search(r"tried to allocate (\d+) bytes", text):
+        return f"tried to allocate {int(m.group(1)) / 2**30:.1f} GiB"
+    if m := re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", text):
+        return m.group(0).lower()
+    return text.strip().splitlines()[0][:120]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -134,3 +134,28 @@ def test_the_api_refuses_an_empty_list_too():
     s = ad.distill(digits, ipc=1, iterations=0, progress=False)
     with pytest.raises(ad.ConfigError, match="models names no architecture"):
         ad.evaluate(s, digits, models=[])
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # `--image-size 100000` ended in the CPU allocator's traceback while resizing the data. The
+    # allocator's error is raised here by hand: where memory is overcommitted, asking for it could
+    # succeed and the machine would then run out for real.
+    import atomdistill.data
+
+    def allocate(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 50320000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(atomdistill.data, "_resize", allocate)
+    assert main(["distill", "--dataset", "digits", "--image-size", "100000", "--iterations", "1",
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atomdistill distill: error: out of memory (tried to allocate 46864.2 GiB); lower the sizes")
+    assert "--image-size" in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_an_unknown_evaluation_network_is_refused_before_distilling(tmp_path, capsys):
+    # `--eval-models convnett` distilled with rc 0 and never said that the name was wrong.
+    assert main(["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "1", "--eval-models", "convnett",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "unknown model 'convnett' (did you mean 'convnet'?)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -129,7 +129,7 @@ def test_batchnorm_models_train_batched_and_sequentially(data, noisy):
 def test_an_unknown_model_fails_before_any_network_trains(data, monkeypatch):
     trained = []
     monkeypatch.setattr(ev, "train_and_test", lambda *a, **k: trained.append(a[4]) or [0.5])
-    with pytest.raises(ConfigError, match="Unknown model 'resnet99'"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet99' \\(did you mean 'resnet18'\\?\\)"):
         evaluate(as_set(data), data, models=["convnet", "resnet99"], runs=1, epochs=0, progress=False)
     assert trained == []
     evaluate(as_set(data), data, models=["convnet"], runs=1, epochs=0, progress=False)
