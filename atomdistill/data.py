@@ -19,6 +19,7 @@ format allows (right after each CIFAR batch is read; never decoded for folder/ti
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import pickle
@@ -244,8 +245,12 @@ def dataset_spec(name: str) -> "DatasetSpec":
     for spec in DATASETS.values():
         if key == spec.name or key in spec.aliases:
             return spec
-    raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())} "
-                       "(or 'default' for digits).")
+    if Path(name).is_dir():
+        raise DatasetError(f"unknown dataset {name!r}; for a folder of class sub-folders (train/<class>/*, "
+                           f"test/<class>/*) use --dataset folder:{name}")
+    close = difflib.get_close_matches(key, [n for spec in DATASETS.values() for n in (spec.name, *spec.aliases)], 1)
+    raise DatasetError(f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f"; choose one of: {', '.join(list_datasets())} (or 'default' for digits).")
 
 
 def load_dataset(

@@ -51,6 +51,7 @@ def load_records(paths: list[str | os.PathLike]) -> list[dict]:
 def _check_record(rec, path: Path) -> None:
     ok = (isinstance(rec, dict) and isinstance(rec.get("set"), dict) and isinstance(rec.get("results"), dict)
           and "dataset" in rec["set"] and "method" in rec["set"]
+          and rec["results"]   # an empty one came from `evaluate --models ,,` before that was refused
           and all(isinstance(r, dict) and "mean" in r and "std" in r for r in rec["results"].values()))
     if not ok:
         raise AtomDistillError(f"{path} is JSON but not an evaluation record (needs 'set' with dataset and "

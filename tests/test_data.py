@@ -428,6 +428,11 @@ def test_the_table_of_datasets_answers_without_loading(tmp_path):
     assert count_classes(f"folder:{tmp_path}") == 3
     with pytest.raises(DatasetError, match="unknown dataset"):
         count_classes("imagenet-99")
+    # a near miss names the closest dataset, and a folder's path the folder: form it needs
+    with pytest.raises(DatasetError, match="'cifar1000' \\(did you mean 'cifar100'\\?\\)"):
+        count_classes("cifar1000")
+    with pytest.raises(DatasetError, match=f"use --dataset folder:{tmp_path}$"):
+        count_classes(str(tmp_path))
 
 
 def test_class_indices_cached_and_describe():

@@ -111,5 +111,11 @@ def test_bad_paths_raise(tmp_path):
     other.write_text(json.dumps({"config": {}}))
     with pytest.raises(AtomDistillError, match="not an evaluation record"):
         load_records([str(other)])
+    # `evaluate --models ,,` once wrote a record without results, and report ended in matplotlib's
+    # "Number of rows must be a positive integer"
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"set": {"dataset": "digits", "method": "atom"}, "results": {}}))
+    with pytest.raises(AtomDistillError, match="not an evaluation record"):
+        load_records([str(empty)])
     with pytest.raises(AtomDistillError):
         load_records([])
