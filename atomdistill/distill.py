@@ -92,6 +92,9 @@ class DistillConfig:
     mmd_kernel: str | None = None          # final-layer term: linear | gaussian (None: the preset's, linear)
 
     def __post_init__(self):
+        if not isinstance(self.dataset, str):
+            raise ConfigError(f"dataset must be a name such as 'cifar10' or 'folder:PATH', or a loaded ImageDataset; "
+                              f"got {type(self.dataset).__name__}")
         if self.layers is not None:
             self.layers = tuple(int(x) for x in self.layers)
         self.eval_models = tuple(self.eval_models)

@@ -53,7 +53,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from .augment import DSA, DSAParams
-from .data import ImageDataset
+from .data import ImageDataset, load_dataset
 from .errors import ConfigError, check_integer, check_option_names
 from .io import write_json
 from .models import build_model, model_info
@@ -103,12 +103,13 @@ class EvalProtocol:
 
 
 # ---- public API ---------------------------------------------------------------------------
-def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] | str = ("convnet",),
+def evaluate(synset: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str, models: Sequence[str] | str = ("convnet",),
              protocol: EvalProtocol | None = None, *, device: str | torch.device = "auto", progress: bool = True,
              batched: bool | str = "auto", test: tuple[torch.Tensor, torch.Tensor] | None = None,
              max_parallel: int | None = None, **fields) -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
+    `synset` may be a set's path and `dataset` a name ("cifar10", loaded from ./data at its own size).
     A multi-formation set (factor > 1) trains on its decoded images (``synset.decoded()``).
     The protocol is `protocol` (default EvalProtocol()) with `fields` (runs=, epochs=, lr=, seed=,
     ...) replacing its values. Returns ``{model: {"mean", "std", "accs", "diverged", "seconds"}}``
@@ -119,6 +120,13 @@ def evaluate(synset: SyntheticSet, dataset: ImageDataset, models: Sequence[str] 
     (images, labels) already in the set's space (skips ``synset.prepare_real``). `max_parallel`: at
     most this many networks train together (bounds memory; same results)."""
     protocol = EvalProtocol.of(protocol, **fields)
+    if isinstance(synset, (str, os.PathLike)):
+        synset = SyntheticSet.load(synset)
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    if not isinstance(synset, SyntheticSet) or not isinstance(dataset, ImageDataset):
+        raise ConfigError("evaluate(synset, dataset) takes a SyntheticSet (or its path) and an ImageDataset (or "
+                          f"a dataset name), got {type(synset).__name__} and {type(dataset).__name__}")
     check_compatible(synset, dataset)
     if isinstance(models, str):
         models = [models]

@@ -68,3 +68,20 @@ def test_no_module_points_outside_the_repository():
     for path in PACKAGE.glob("*.py"):
         text = path.read_text()
         assert "CONTEXT.md" not in text, path
+
+
+def test_evaluate_takes_a_path_and_a_dataset_name_and_refuses_other_types(tmp_path):
+    # ad.evaluate(s, "digits") ended in "'str' object has no attribute 'mean'"; the names work now,
+    # and any other type is one ConfigError.
+    import pytest
+    digits = ad.load_dataset("digits")
+    s = ad.distill(digits, ipc=1, iterations=0, progress=False)
+    s.save(tmp_path / "s.safetensors")
+    by_objects = ad.evaluate(s, digits, runs=1, epochs=1, progress=False)["convnet"]["accs"]
+    assert ad.evaluate(tmp_path / "s.safetensors", "digits", runs=1, epochs=1, progress=False)["convnet"]["accs"] == by_objects
+    with pytest.raises(ad.ConfigError, match="takes a SyntheticSet .* got int and ImageDataset"):
+        ad.evaluate(3, digits)
+    with pytest.raises(ad.ConfigError, match="dataset must be a name .* got int"):
+        ad.distill(123, ipc=1, progress=False)
+    with pytest.raises(ad.ConfigError, match="unknown device 'gpu'; use auto, cpu, cuda or cuda:N"):
+        ad.distill("digits", ipc=1, iterations=1, device="gpu", progress=False)
