@@ -149,8 +149,11 @@ def load_grid_file(path: str | os.PathLike) -> dict:
         import yaml   # a declared dependency
         try:
             grid = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({e}); fix the grid file") from None
+        except yaml.YAMLError as e:   # its str() spans several lines with a caret drawing: one line here
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML ({where}{problem}); fix the grid file") from None
     else:
         try:
             grid = json.loads(text)

@@ -190,6 +190,11 @@ def test_grid_from_json_file_and_cli_strings(tmp_path):
         resolve_space(str(tmp_path / "bad.json"))
     with pytest.raises(ConfigError, match="unknown search option"):
         resolve_space({"depht": [1]})
+    # yaml's own message spans four lines with a caret drawing; the error is one line
+    (tmp_path / "bad.yaml").write_text("depth: [1, 2\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_space(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(error.value) and "not valid YAML (line 2, column 1: expected ',' or ']'" in str(error.value)
 
 
 def test_grid_from_yaml_file(tmp_path):
