@@ -13,8 +13,8 @@ from pathlib import Path
 from .data import DATASETS, DEFAULT_DATASET
 from .distill import DistillConfig
 from .errors import AtomDistillError, ConfigError
-from .runtime import is_out_of_memory, out_of_memory_message
 from .evaluate import EvalProtocol
+from .runtime import is_out_of_memory, out_of_memory_message
 
 DATASET_HELP = ", ".join(f"{name} ({spec.about})" for name, spec in DATASETS.items()) + f"; default {DEFAULT_DATASET}"
 

@@ -48,7 +48,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def out_of_memory_message(error: BaseException) -> str:
-    """What torch asked for, in words: "tried to allocate 45766.6 GiB" (the CPU allocator gives bytes)."""
+    """What torch asked for, in words: "tried to allocate 2.5 GiB" (the CPU allocator gives bytes)."""
     text = str(error)
     if m := re.search(r"tried to allocate (\d+) bytes", text):
         return f"tried to allocate {int(m.group(1)) / 2**30:.1f} GiB"
