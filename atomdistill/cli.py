@@ -471,6 +471,14 @@ COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "eva
             "import": cmd_import, "export": cmd_export}
 
 
+# What uses less memory, by command; the first option named leaves the result as it was.
+OUT_OF_MEMORY_ADVICE = {
+    "distill": "--real-chunk 16 matches the real images in smaller pieces (the same loss, to float rounding; it "
+               "also goes with --resume), or lower --batch-real, --ipc or --image-size",
+    "evaluate": "--batched no trains one network at a time, or lower --image-size",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -488,9 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         if not is_out_of_memory(e):
             raise
         # A size the machine cannot hold (e.g. --image-size 100000) is a user error, not a bug: one line.
-        print(f"atomdistill {args.command}: error: out of memory ({out_of_memory_message(e)}); lower the sizes "
-              "(--ipc, --image-size, --batch-real or --real-chunk when distilling) or run where there is more memory",
-              file=sys.stderr)
+        print(f"atomdistill {args.command}: error: out of memory ({out_of_memory_message(e)}); "
+              + OUT_OF_MEMORY_ADVICE.get(args.command, "run where there is more memory"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\natomdistill {args.command}: interrupted"

@@ -149,7 +149,7 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(tmp_path, capsys, mon
     assert main(["distill", "--dataset", "digits", "--image-size", "100000", "--iterations", "1",
                  "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("atomdistill distill: error: out of memory (tried to allocate 46864.2 GiB); lower the sizes")
+    assert err.startswith("atomdistill distill: error: out of memory (tried to allocate 46864.2 GiB); --real-chunk 16")
     assert "--image-size" in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
