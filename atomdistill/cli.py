@@ -475,7 +475,7 @@ COMMANDS = {"data": cmd_data, "models": cmd_models, "distill": cmd_distill, "eva
 OUT_OF_MEMORY_ADVICE = {
     "distill": "--real-chunk 16 matches the real images in smaller pieces (the same loss, to float rounding; it "
                "also goes with --resume), or lower --batch-real, --ipc or --image-size",
-    "evaluate": "--batched no trains one network at a time, or lower --image-size",
+    "evaluate": "--batched no trains one network at a time (on a CPU it already does), or lower --image-size",
 }
 
 
