@@ -53,6 +53,7 @@ SAME_OPTIONS = [
     (1, "–", ""), (1, "`--mmd-kernel gaussian`", KERNEL), (1, "pool", POOL), (1, "`--factor 2`", FACTOR),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"), (1, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
     (10, "–", ""), (10, "`--factor 2`", FACTOR), (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"),
+    (10, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
 ]
 BEGIN, END = "<!-- beyond_tables.py: {} (generated from the README; edit there, then run --write) -->", \
     "<!-- end of beyond_tables.py: {} -->"
