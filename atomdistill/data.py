@@ -19,7 +19,6 @@ format allows (right after each CIFAR batch is read; never decoded for folder/ti
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 import pickle
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, did_you_mean
 
 __all__ = [
     "ImageDataset",
@@ -248,9 +247,9 @@ def dataset_spec(name: str) -> "DatasetSpec":
     if Path(name).is_dir():
         raise DatasetError(f"unknown dataset {name!r}; for a folder of class sub-folders (train/<class>/*, "
                            f"test/<class>/*) use --dataset folder:{name}")
-    close = difflib.get_close_matches(key, [n for spec in DATASETS.values() for n in (spec.name, *spec.aliases)], 1)
-    raise DatasetError(f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                       + f"; choose one of: {', '.join(list_datasets())} (or 'default' for digits).")
+    names = [n for spec in DATASETS.values() for n in (spec.name, *spec.aliases)]
+    raise DatasetError(f"unknown dataset {name!r}{did_you_mean(key, names)}; choose one of: "
+                       f"{', '.join(list_datasets())} (or 'default' for digits).")
 
 
 def load_dataset(

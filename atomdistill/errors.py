@@ -16,13 +16,18 @@ class ConfigError(AtomDistillError):
     """An option or combination of options is invalid."""
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" naming the closest of `known` to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), 1) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_option_names(given: Iterable[str], known: Iterable[str], what: str) -> None:
     """ConfigError naming each of `given` that is not in `known`, with the closest known name."""
     known = sorted(known)
     unknown = sorted(set(given) - set(known))
     if unknown:
-        named = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
-                 else repr(name) for name in unknown]
+        named = [f"{name!r}{did_you_mean(name, known)}" for name in unknown]
         raise ConfigError(f"unknown {what} option(s) {', '.join(named)}; the options are {', '.join(known)}")
 
 

@@ -17,7 +17,6 @@ lists the names and ``model_info(name)`` the defaults each name builds with.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atomdistill.errors import ConfigError
+from atomdistill.errors import ConfigError, did_you_mean
 
 __all__ = [
     "register_model",
@@ -119,9 +118,8 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[key]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(key, list_models(), 1) if isinstance(key, str) else []
-        raise ConfigError(f"unknown model {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f"; choose one of: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(key, list_models())}; "
+                          f"choose one of: {', '.join(list_models())}") from None
 
 
 def list_models() -> list[str]:
