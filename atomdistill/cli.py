@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("set")
     p.add_argument("--format", required=True, help="dc, mtt or folder (as for import)")
     p.add_argument("--out", required=True, help="a .pt file (dc) or a new or empty folder (mtt, folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (dc)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (dc) or a folder holding an earlier export (mtt, folder)")
 
     p = sub.add_parser("nas", help="architecture search with a proxy set: does it rank ConvNets like whole data?")
     p.add_argument("--proxy", required=True,
@@ -420,8 +421,8 @@ def cmd_export(args):
     if args.format == "dc":
         check_new_file(args.out, overwrite=args.overwrite, inputs=[set_file(args.set)])
     else:   # the other tools read every file of the folder as part of the set
-        check_new_folder(args.out)
-    for line in export_set(synset, args.format, args.out):
+        check_new_folder(args.out, overwrite=args.overwrite)
+    for line in export_set(synset, args.format, args.out, overwrite=args.overwrite):
         print(line)
 
 

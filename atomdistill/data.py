@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,7 @@ def count_classes(name: str, data_root: str | os.PathLike | None = None) -> int:
     if spec.num_classes is not None:
         return spec.num_classes
     train = _folder_path(name) / "train"
-    n = len([p for p in train.iterdir() if p.is_dir()]) if train.is_dir() else 0
+    n = len(class_folders(train)) if train.is_dir() else 0
     if n == 0:
         load_dataset(name, data_root)   # raises the loader's own message for the bad layout
     return n
@@ -647,6 +648,12 @@ def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def class_folders(d: Path) -> list[Path]:
+    """The class sub-folders of `d`, by name. Hidden ones (.ipynb_checkpoints, an interrupted
+    export's temporary folder) are not classes."""
+    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
 def _check_test_split(name: str, test_dir: Path, test_names: list[str]) -> None:
     """DatasetError for a test split that could not test anything: a class folder in it without
     images, or no images at all (a class may be absent from it)."""
@@ -680,10 +687,10 @@ def _load_folder(name: str, root: Path, download: bool, image_size: int | None,
         raise DatasetError(f"{name}: {train_dir} is missing; {layout}.")
     if not test_dir.is_dir():
         raise DatasetError(f"{name}: neither {path / 'test'} nor {path / 'val'} exists; {layout}.")
-    all_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    all_names = [p.name for p in class_folders(train_dir)]
     if not all_names:
         raise DatasetError(f"{name}: {train_dir} has no class sub-folders; {layout}.")
-    test_names = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    test_names = [p.name for p in class_folders(test_dir)]
     extra = [c for c in test_names if c not in set(all_names)]
     if extra:
         raise DatasetError(f"{name}: {test_dir} has class folders {extra} that are not in {train_dir}; "
@@ -706,6 +713,12 @@ def _load_folder(name: str, root: Path, download: bool, image_size: int | None,
     train_paths, train_labels = gather(train_dir, True)
     test_paths, test_labels = gather(test_dir, False)
     _check_test_split(name, test_dir, test_names)
+    untested = [all_names[c] for c in ids if all_names[c] not in test_names]
+    if untested:   # allowed (a held-out split may lack rare classes), but never silently
+        shown = ", ".join(untested[:5]) + (f" and {len(untested) - 5} more" if len(untested) > 5 else "")
+        print(f"atomdistill: warning: {name}: {test_dir} has no folder for {len(untested)} of the "
+              f"{len(ids)} classes ({shown}); accuracy is measured on the other classes' test images only",
+              file=sys.stderr)
     size = image_size or 32
     tr, tr_gray = _decode_images(train_paths, size)
     te, te_gray = _decode_images(test_paths, size)

@@ -38,9 +38,9 @@ from typing import Callable
 
 import torch
 
-from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images
+from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images, class_folders
 from .errors import AtomDistillError
-from .io import atomic_path
+from .io import atomic_folder, atomic_path, check_new_file
 from .synset import SyntheticSet, _safe_name
 from .zca import ZCA
 
@@ -219,7 +219,7 @@ def read_folder(path: Path, data: ImageDataset) -> tuple[torch.Tensor, torch.Ten
     when every name is a number, by class id."""
     if not path.is_dir():
         raise AtomDistillError(f"{path} is not a folder; --format folder needs DIR/<class>/*.png")
-    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    folders = class_folders(path)
     if not folders:
         raise AtomDistillError(f"{path} has no class sub-folders; expected DIR/<class>/*.png (one folder per class)")
     by_name = {_safe_name(c): k for k, c in enumerate(data.class_names)}
@@ -411,12 +411,16 @@ def _save_torch(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def export_set(synset: SyntheticSet, fmt: str, out: str | Path) -> list[str]:
+def export_set(synset: SyntheticSet, fmt: str, out: str | Path, overwrite: bool = False) -> list[str]:
     """Write `synset` in another tool's format (plain tensors, lists and dicts only); returns notes.
-    Existing files at `out` are replaced, and others in an `out` folder stay: the CLI checks first
-    (cli.cmd_export: an existing file only with --overwrite, a folder only when new or empty)."""
+
+    `out` is a .pt file (dc) or a folder (mtt, folder) that must be new or empty: the other tools
+    read every file there. `overwrite` replaces an existing file, or a folder holding an earlier
+    export. Either way the result appears whole: a killed export leaves the old one or nothing."""
     out = Path(out)
     check_format(fmt)
+    if fmt == "dc":
+        check_new_file(out, overwrite=overwrite)
     # Other tools do not decode multi-formation sets: they get the images training sees.
     images, labels = (t.detach().cpu().contiguous() for t in synset.decoded())
     images, labels = images.float(), labels.long()
@@ -430,17 +434,18 @@ def export_set(synset: SyntheticSet, fmt: str, out: str | Path) -> list[str]:
     elif fmt == "mtt":
         targets = labels if synset.soft_labels is None else \
             synset.soft_labels.detach().float().cpu().repeat_interleave(synset.factor ** 2, dim=0).contiguous()
-        _save_torch(images, out / MTT_IMAGES)
-        _save_torch(targets, out / MTT_LABELS)
         written = [MTT_IMAGES, MTT_LABELS]
         lr = (made_for(synset) or {}).get("lr")
-        if lr is not None:
-            _save_torch(torch.tensor(float(lr)), out / MTT_LRS[0])
-            written.append(MTT_LRS[0])
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            torch.save(images, tmp / MTT_IMAGES)
+            torch.save(targets, tmp / MTT_LABELS)
+            if lr is not None:
+                torch.save(torch.tensor(float(lr)), tmp / MTT_LRS[0])
+                written.append(MTT_LRS[0])
         notes.append(f"wrote {', '.join(str(out / n) for n in written)}"
                      + (" (soft labels: probabilities)" if synset.soft_labels is not None else ""))
     else:
-        synset.export_folder(out, decoded=True)
+        synset.export_folder(out, decoded=True, overwrite=overwrite)
         notes.append(f"wrote {len(images)} PNGs in true colours to {out}/<class>/ (8-bit)")
         if synset.soft_labels is not None:
             notes.append("an image folder has hard labels only (its class folders); --format mtt keeps the soft labels")

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; a result is an ordinary file
         os.replace(tmp, path)
     except Exception as e:
         if _is_write_failure(e):
@@ -46,6 +48,13 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def _is_write_failure(e: Exception) -> bool:
@@ -115,14 +124,68 @@ def check_new_file(path: str | os.PathLike, *, overwrite: bool | None, inputs=()
     check_writable(path)
 
 
-def check_new_folder(path: str | os.PathLike) -> None:
-    """Refuse now a folder output that exists and is not empty: files an earlier export left there
-    would be read back as part of this one. Then check_writable."""
+EXPORT_SUFFIXES = (".png", ".pt")   # what exports write: the only files a replaced folder may hold
+
+
+def check_new_folder(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse now a folder output that exists and is not empty (files an earlier export left there
+    would be read back as part of this one), unless `overwrite` and it holds nothing but an earlier
+    export's files, which atomic_folder then replaces whole. Then check_writable."""
     path = Path(path)
     if path.is_dir() and any(path.iterdir()):
-        raise AtomDistillError(f"{path} is not empty; choose a new or empty folder (files left from an earlier "
-                               "export would be read back as part of this set)")
+        if not overwrite:
+            raise AtomDistillError(f"{path} is not empty; choose a new or empty folder, or pass --overwrite "
+                                   "(overwrite=True) to replace an earlier export there")
+        foreign = _foreign_file(path)
+        if foreign is not None:
+            raise AtomDistillError(f"{path} holds {foreign}, which no export writes; --overwrite replaces only "
+                                   "a folder of earlier export files (.png, .pt): choose another folder")
     check_writable(path, folder=True)
+
+
+def _foreign_file(folder: Path) -> Path | None:
+    """The first entry under `folder` that an export would not have written, if any: a file of
+    another kind, or anything deeper than DIR/<class>/<file>."""
+    for entry in sorted(folder.rglob("*")):
+        depth = len(entry.relative_to(folder).parts)
+        if entry.is_dir() and not entry.is_symlink():
+            if depth > 1:
+                return entry
+        elif entry.is_symlink() or depth > 2 or entry.suffix.lower() not in EXPORT_SUFFIXES:
+            return entry
+    return None
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a new empty folder beside `path`; on success it takes `path`'s place whole.
+
+    So a killed export leaves no half-written folder for another tool to read, and a replaced one
+    is either the old export or the new. `path` must be new or empty, or, with `overwrite`, hold
+    only an earlier export's files (check_new_folder). Failed writes raise an AtomDistillError."""
+    path = Path(path)
+    check_new_folder(path, overwrite=overwrite)
+    tmp = old = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; an export is an ordinary folder
+        yield tmp
+        if path.exists():   # rename cannot replace a non-empty folder: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=TMP_SUFFIX, dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        tmp = None
+    except Exception as e:
+        if old is not None and not path.exists() and (old / path.name).exists():
+            os.replace(old / path.name, path)   # put the earlier export back
+        if _is_write_failure(e):
+            raise AtomDistillError(f"cannot write {path}: {_write_failure_reason(e, path)}") from None
+        raise
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .errors import AtomDistillError
 from .formation import check_factor, decode, decode_labels
-from .io import atomic_path, content_checksum
+from .io import atomic_folder, atomic_path, content_checksum
 from .zca import ZCA
 
 FORMAT_VERSION = 1
@@ -129,23 +129,23 @@ class SyntheticSet:
             img.save(tmp, format="PNG")
         return Path(path)
 
-    def export_folder(self, directory: str | os.PathLike, decoded: bool = False) -> Path:
+    def export_folder(self, directory: str | os.PathLike, decoded: bool = False, overwrite: bool = False) -> Path:
         """One PNG per image in DIRECTORY/<class>/<k>.png, in true colours (stored, or `decoded`).
-        Files already in DIRECTORY stay (the CLI asks for a new or empty folder): an earlier export of
-        a larger set would be read back with this one."""
+
+        DIRECTORY must be new or empty (files of an earlier export would be read back with this
+        one); `overwrite` replaces an earlier export there. The folder appears whole or not at all."""
         from PIL import Image
 
         directory = Path(directory)
         images, labels = self.decoded() if decoded else (self.images, self.labels)
         pixels = (self.to_pixels(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         seen = [0] * self.num_classes
-        for img, label in zip(pixels, labels.tolist()):
-            name = _safe_name(self.class_names[label])
-            out = directory / name / f"{seen[label]:04d}.png"
-            seen[label] += 1
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(out) as tmp:
-                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+        with atomic_folder(directory, overwrite=overwrite) as tmp:
+            for img, label in zip(pixels, labels.tolist()):
+                out = tmp / _safe_name(self.class_names[label]) / f"{seen[label]:04d}.png"
+                seen[label] += 1
+                out.parent.mkdir(exist_ok=True)
+                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(out, format="PNG")
         return directory
 
     # ---- persistence ------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from atomdistill import data as D
-from atomdistill.data import ImageDataset, denormalize, format_description, list_datasets, load_dataset
+from atomdistill.data import (ImageDataset, count_classes, denormalize, format_description, list_datasets,
+                             load_dataset)
 from atomdistill.errors import AtomDistillError, DatasetError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -351,10 +352,25 @@ def test_folder_test_classes_must_be_subset(tmp_path):
         load_dataset(f"folder:{tmp_path}")
 
 
-def test_folder_test_subset_ok(tmp_path):
+def test_folder_test_subset_ok_but_said(tmp_path, capsys):
     write_folder(tmp_path, test_classes=("dog",))
     ds = load_dataset(f"folder:{tmp_path}")
     assert ds.test_labels.tolist() == [1, 1]
+    # It loaded silently, and the accuracy then left two of the three classes out unsaid.
+    err = capsys.readouterr().err
+    assert "warning" in err and "no folder for 2 of the 3 classes (cat, emu)" in err
+    load_dataset(f"folder:{tmp_path}", classes=[1])   # every kept class has test images: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_folder_hidden_folders_are_not_classes(tmp_path, capsys):
+    # Jupyter's .ipynb_checkpoints became a class (then "holds no images"), and an interrupted
+    # export's temporary folder would have become one too.
+    write_folder(tmp_path)
+    for split in ("train", "test"):
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    assert load_dataset(f"folder:{tmp_path}").class_names == ["cat", "dog", "emu"]
+    assert count_classes(f"folder:{tmp_path}") == 3 and capsys.readouterr().err == ""
 
 
 def test_folder_layout_errors(tmp_path):

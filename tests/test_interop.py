@@ -1,10 +1,12 @@
 """Sets from other tools: files in each format built here, round trips, safety, soft labels."""
+import errno
 import json
 import os
 import pickle
 
 import pytest
 import torch
+from PIL import Image
 
 from atomdistill import SyntheticSet
 from atomdistill.baselines import select_coreset
@@ -189,6 +191,52 @@ def test_the_zca_claim_is_checked_against_the_images(tmp_path, capsys, digits, d
     out = capsys.readouterr()
     assert "warning" not in out.err and "the images' scale agrees" in out.out
     assert "the file's own evaluation: ConvNet 55.00 ± 5.00 (2 runs)" in out.out
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_exports_never_mix_with_or_half_replace_an_earlier_one(tmp_path, capsys, digits, monkeypatch):
+    # The API wrote into a used folder (an earlier, larger export's PNGs were read back with the new
+    # ones) and replaced a .pt silently; a failed export left half a folder for another tool to read.
+    big, small = real_set(digits, ipc=3), real_set(digits, ipc=1, seed=1)
+    imgs, mtt, res = tmp_path / "imgs", tmp_path / "mtt", tmp_path / "res.pt"
+    for fmt, out in (("folder", imgs), ("mtt", mtt), ("dc", res)):
+        export_set(big, fmt, out)
+        with pytest.raises(AtomDistillError, match="not empty|already exists"):
+            export_set(small, fmt, out)
+        export_set(small, fmt, out, overwrite=True)
+        assert import_set(out, fmt, digits, zca=False).synset.ipc == 1, fmt
+    with pytest.raises(AtomDistillError, match="not empty.*overwrite"):
+        big.export_folder(imgs)
+    before = _files(imgs)
+
+    real_save, saved = Image.Image.save, []
+    def failing_save(self, *args, **kwargs):   # the disk fills up after five images
+        if len(saved) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(1)
+        return real_save(self, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(AtomDistillError, match="disk is full"):
+        export_set(big, "folder", imgs, overwrite=True)
+    saved.clear()
+    with pytest.raises(AtomDistillError, match="disk is full"):
+        big.export_folder(tmp_path / "new")
+    assert _files(imgs) == before and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "mtt", "res.pt"]   # no temporaries left
+    monkeypatch.setattr(Image.Image, "save", real_save)
+
+    (imgs / "notes.txt").write_text("the user's own file")
+    with pytest.raises(AtomDistillError, match="notes.txt, which no export writes"):
+        export_set(big, "folder", imgs, overwrite=True)
+    (imgs / "notes.txt").unlink()
+    big.save(tmp_path / "big.safetensors")
+    assert run("export", tmp_path / "big.safetensors", "--format", "folder", "--out", imgs) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert run("export", tmp_path / "big.safetensors", "--format", "folder", "--out", imgs, "--overwrite") == 0
+    assert import_set(imgs, "folder", digits, zca=False).synset.ipc == 3
 
 
 # ---- soft labels in evaluation ---------------------------------------------------------------------

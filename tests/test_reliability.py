@@ -668,3 +668,17 @@ def test_a_partly_diverged_model_shows_the_count_beside_the_mean(tmp_path):
     from atomdistill.report import markdown_table
     rec = {"set": {"dataset": "digits", "method": "atom", "ipc": 1}, "results": {"convnet": r}}
     assert "60.0 ± 10.0 (1 of 3 runs diverged)" in markdown_table([rec])
+
+
+def test_results_get_the_permissions_of_ordinary_files(tmp_path):
+    # Atomic writes go through mkstemp/mkdtemp, which make private (0600/0700) files: a set saved on
+    # a shared machine could not be read by the rest of the team.
+    old = os.umask(0o022)
+    try:
+        SyntheticSet(images=torch.zeros(2, 1, 8, 8), labels=torch.tensor([0, 1]), class_names=["a", "b"],
+                     mean=(0.0,), std=(1.0,)).export_folder(tmp_path / "imgs")
+        io_module.write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "imgs").stat().st_mode & 0o777 == 0o755
