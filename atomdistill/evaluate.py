@@ -185,9 +185,11 @@ def check_compatible(synset: SyntheticSet, dataset: ImageDataset) -> None:
                  and np.allclose(synset.mean, dataset.mean, rtol=1e-5, atol=1e-6)
                  and np.allclose(synset.std, dataset.std, rtol=1e-5, atol=1e-6))
     if not same_norm:
-        raise ConfigError(f"the set was made from another dataset or normalisation (mean/std {tuple(synset.mean)}/"
-                          f"{tuple(synset.std)}, test data {tuple(dataset.mean)}/{tuple(dataset.std)}); evaluate it "
-                          f"on the dataset it was distilled from ({synset.dataset or 'see its config'})")
+        def norm(mean, std):
+            return "mean " + ", ".join(f"{m:.4g}" for m in mean) + " / std " + ", ".join(f"{s:.4g}" for s in std)
+        raise ConfigError(f"the set was made from another dataset or normalisation (the set's "
+                          f"{norm(synset.mean, synset.std)}; the test data's {norm(dataset.mean, dataset.std)}); "
+                          f"evaluate it on the dataset it was distilled from ({synset.dataset or 'see its config'})")
     if (synset.channels, synset.image_size) != (dataset.channels, dataset.image_size):
         raise ConfigError(f"the set has {synset.channels}x{synset.image_size}px images but the test data "
                           f"{dataset.channels}x{dataset.image_size}px; load the dataset with the set's image size")

@@ -125,8 +125,8 @@ class SyntheticSet:
         img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
         if upscale > 1:
             img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
+        with atomic_path(path) as tmp:   # PNG unless the name asks for another format PIL writes
+            img.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
         return Path(path)
 
     def export_folder(self, directory: str | os.PathLike, decoded: bool = False, overwrite: bool = False) -> Path:
@@ -176,7 +176,11 @@ class SyntheticSet:
         if not path.exists():
             raise AtomDistillError(f"no synthetic set at {path}: pass a .safetensors file written by "
                                    "`atomdistill distill` or `atomdistill baseline`, or its run folder")
-        meta, tensors = read_safetensors(path, "synthetic set", "re-create it")
+        try:
+            meta, tensors = read_safetensors(path, "synthetic set", "re-create it")
+        except AtomDistillError:
+            _refuse_other_kinds(path)   # a picture, record or torch file given by mistake: say which
+            raise
         if not isinstance(meta, dict) or meta.get("format") != "atomdistill.SyntheticSet":
             raise AtomDistillError(f"{path} is a safetensors file but not an atomdistill synthetic set")
         check_set_content(meta, tensors, path)
@@ -188,6 +192,27 @@ class SyntheticSet:
                    info=meta.get("info", {}),
                    factor=_stored_factor(meta, path, tensors["images"].shape[-1]),
                    soft_labels=tensors["soft_labels"].to(device) if "soft_labels" in tensors else None)
+
+
+# The files users pass for a set by mistake, told apart by their first bytes.
+_OTHER_KINDS = ((b"\x89PNG", "a PNG picture (a set's grid?); pass the .safetensors file beside it"),
+                (b"PK\x03\x04", "a torch/zip file; bring another tool's set in with `atomdistill import FILE "
+                                "--format dc|mtt`"),
+                (b"\x80", "a pickle/torch file; bring another tool's set in with `atomdistill import FILE "
+                         "--format dc|mtt`"),
+                (b"{", "a JSON file (an evaluation record?); pass the .safetensors set or its run folder"))
+
+
+def _refuse_other_kinds(path: Path) -> None:
+    """Only for a file that is not safetensors: a safetensors header's length may start with any byte."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return   # read_safetensors says why
+    for magic, what in _OTHER_KINDS:
+        if head.startswith(magic):
+            raise AtomDistillError(f"{path} is not a synthetic set: it is {what}")
 
 
 def read_safetensors(path: Path, what: str, fix: str) -> tuple:

@@ -60,6 +60,8 @@ def test_grid_and_folder_export(tmp_path):
     s.export_folder(tmp_path / "images")
     files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png"))
     assert files == ["a/0000.png", "a/0001.png", "b/0000.png", "b/0001.png", "c_d/0000.png", "c_d/0001.png"]
+    s.save_grid(tmp_path / "grid.jpg")   # was PNG bytes under a .jpg name
+    assert Image.open(tmp_path / "grid.jpg").format == "JPEG"
     _set(channels=1).save_grid(tmp_path / "gray.png")
     gray = torch.from_numpy(np.array(Image.open(tmp_path / "gray.png").convert("RGB"))).reshape(-1, 3)
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
@@ -92,3 +94,22 @@ def test_save_is_atomic_an_existing_file_survives_a_failed_write(tmp_path, monke
         _set().save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_a_file_of_another_kind_given_as_a_set_is_named(tmp_path):
+    # Each was "is not a readable synthetic set (Error while deserializing: header too large)".
+    s = _set()
+    s.save_grid(tmp_path / "grid.png")
+    (tmp_path / "eval.json").write_text('{"results": {}}')
+    torch.save({"data": []}, tmp_path / "res.pt")
+    for name, says in (("grid.png", "a PNG picture"), ("eval.json", "a JSON file"), ("res.pt", "atomdistill import")):
+        with pytest.raises(AtomDistillError, match=f"{name} is not a synthetic set: it is .*{says}"):
+            SyntheticSet.load(tmp_path / name)
+    # A real set whose safetensors header length starts with one of those bytes still loads.
+    for pad in range(256):
+        s.info = {"pad": "x" * pad}
+        s.save(tmp_path / "s.safetensors")
+        if (tmp_path / "s.safetensors").read_bytes()[0] in (0x80, ord("{")):
+            break
+    assert (tmp_path / "s.safetensors").read_bytes()[0] in (0x80, ord("{"))
+    assert SyntheticSet.load(tmp_path / "s.safetensors").info["pad"] == "x" * pad
