@@ -20,6 +20,7 @@ from .synset import SyntheticSet
 from .evaluate import EvalProtocol, evaluate, evaluation_record, full_training_set
 from .distill import DistillConfig, distill, resume
 from .baselines import select_coreset
+from .interop import export_set, import_set
 
 __all__ = [
     "AtomDistillError", "ConfigError", "DatasetError",
@@ -27,5 +28,5 @@ __all__ = [
     "build_model", "list_models", "DSA", "ZCA",
     "LossWeights", "MatchingLoss", "PRESETS", "loss_weights",
     "SyntheticSet", "EvalProtocol", "evaluate", "evaluation_record", "full_training_set",
-    "DistillConfig", "distill", "resume", "select_coreset",
+    "DistillConfig", "distill", "resume", "select_coreset", "import_set", "export_set",
 ]

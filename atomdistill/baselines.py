@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import ImageDataset, check_ipc, zca_by_default
+from .data import ImageDataset, check_ipc, load_dataset, zca_by_default
 from .errors import ConfigError, check_integer
 from .io import atomic_path, hash_json
 from .models import build_model
@@ -46,7 +46,7 @@ EMBED_LR, EMBED_MOMENTUM, EMBED_WD, EMBED_BATCH = 0.01, 0.9, 5e-4, 256
 EMBED_CHUNK = 1024   # images per forward when embedding: bounds memory, not the result
 
 
-def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, seed: int = 0,
+def select_coreset(dataset: ImageDataset | str, ipc: int, method: str = "random", *, seed: int = 0,
                    embedding: str = "trained", embed_epochs: int = 2, device: str | torch.device = "auto",
                    zca: bool | None = None, cache_dir: str | os.PathLike | None = None) -> SyntheticSet:
     """Select ``ipc`` real training images per class with ``method`` and return them as a SyntheticSet.
@@ -54,8 +54,13 @@ def select_coreset(dataset: ImageDataset, ipc: int, method: str = "random", *, s
     ``zca=None`` whitens for CIFAR-10/100 (as distillation does); the ZCA is fitted on the training
     images and stored with the set. ``set.info['indices']`` holds the selected train indices.
     ``cache_dir``: keep the embeddings there, keyed by (data, embedding, seed, epochs), so herding
-    and k-center at several IPCs train the embedding network once.
+    and k-center at several IPCs train the embedding network once. ``dataset`` may be a dataset's
+    name (loaded from ./data).
     """
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    if not isinstance(dataset, ImageDataset):
+        raise ConfigError(f"select_coreset needs an ImageDataset or a dataset name, got {type(dataset).__name__}")
     if method not in BASELINES:
         raise ConfigError(f"unknown baseline {method!r}; use one of {', '.join(BASELINES)}")
     if embedding not in EMBEDDINGS:

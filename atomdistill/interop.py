@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images, class_folders
-from .errors import AtomDistillError
+from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images, class_folders, load_dataset
+from .errors import AtomDistillError, ConfigError
 from .io import atomic_folder, atomic_path, check_new_file
 from .synset import SyntheticSet, _safe_name
 from .zca import ZCA
@@ -333,13 +333,19 @@ def settings_advice(s: dict | None, models) -> list[str]:
 
 
 # ---- import ----------------------------------------------------------------------------------
-def import_set(path: str | Path, fmt: str, data: ImageDataset, *, zca: bool | None = None,
+def import_set(path: str | Path, fmt: str, data: ImageDataset | str, *, zca: bool | None = None,
                index: int | None = None, origin: str | None = None, method: str | None = None,
                labels: str | Path | None = None) -> Imported:
     """A SyntheticSet from another tool's file (see FORMATS), carrying the dataset's normalisation,
-    the ZCA when `zca` (fitted on the dataset, eps 0.1) and the settings it was made for."""
+    the ZCA when `zca` (fitted on the dataset, eps 0.1) and the settings it was made for. `data`:
+    the ImageDataset the set was made from, or its name (loaded from ./data)."""
     path = Path(path)
     check_format(fmt)
+    if isinstance(data, str):
+        data = load_dataset(data)
+    if not isinstance(data, ImageDataset):
+        raise ConfigError(f"import_set needs the dataset the set was made from (an ImageDataset or a dataset "
+                               f"name), got {type(data).__name__}")
     if origin is None and fmt == "mtt":
         origin = "mtt"
     settings = origin_settings(origin, data.image_size) if origin is not None else {}

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 import atomdistill as ad
 from atomdistill.rng import Stream, derived_seed
 
@@ -13,7 +16,8 @@ PACKAGE = Path(ad.__file__).parent
 def test_public_names_after_a_plain_import():
     code = ("import atomdistill as ad\n"
             "names = ['load_dataset', 'distill', 'evaluate', 'evaluation_record', 'full_training_set', 'resume',\n"
-            "         'build_model', 'list_models', 'select_coreset', 'SyntheticSet', 'EvalProtocol']\n"
+            "         'build_model', 'list_models', 'select_coreset', 'SyntheticSet', 'EvalProtocol',\n"
+            "         'import_set', 'export_set']\n"
             "assert all(callable(getattr(ad, n)) for n in names)\n"
             "assert sorted(ad.__all__) == sorted(set(ad.__all__))\n"
             "assert all(hasattr(ad, n) for n in ad.__all__)\n"
@@ -85,3 +89,15 @@ def test_evaluate_takes_a_path_and_a_dataset_name_and_refuses_other_types(tmp_pa
         ad.distill(123, ipc=1, progress=False)
     with pytest.raises(ad.ConfigError, match="unknown device 'gpu'; use auto, cpu, cuda or cuda:N"):
         ad.distill("digits", ipc=1, iterations=1, device="gpu", progress=False)
+
+
+def test_import_export_and_coresets_from_python_take_a_dataset_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synset = ad.select_coreset("digits", 2, "random")
+    ad.export_set(synset, "dc", "res.pt")
+    back = ad.import_set("res.pt", "dc", "digits", zca=False)
+    assert torch.equal(back.synset.images, synset.images) and torch.equal(back.synset.labels, synset.labels)
+    with pytest.raises(ad.ConfigError, match="import_set needs the dataset .* got int"):
+        ad.import_set("res.pt", "dc", 10, zca=False)
+    with pytest.raises(ad.ConfigError, match="select_coreset needs an ImageDataset or a dataset name, got int"):
+        ad.select_coreset(10, 2)   # was "'int' object has no attribute 'class_indices'"
