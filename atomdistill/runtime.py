@@ -66,7 +66,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device {device} was asked for but {count} CUDA GPU{'s are' if count > 1 else ' is'} "
+                          f"visible (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use one of those or auto")
     return device
 
 

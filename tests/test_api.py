@@ -101,3 +101,17 @@ def test_import_export_and_coresets_from_python_take_a_dataset_name(tmp_path, mo
         ad.import_set("res.pt", "dc", 10, zca=False)
     with pytest.raises(ad.ConfigError, match="select_coreset needs an ImageDataset or a dataset name, got int"):
         ad.select_coreset(10, 2)   # was "'int' object has no attribute 'class_indices'"
+
+
+def test_a_cuda_device_that_is_not_there_is_named(monkeypatch):
+    from atomdistill.runtime import resolve_device
+    if not torch.cuda.is_available():
+        with pytest.raises(ad.ConfigError, match="--device cuda:3 was asked for but no CUDA GPU is visible"):
+            resolve_device("cuda:3")
+    # On a machine with two GPUs, cuda:3 failed later inside torch ("invalid device ordinal").
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ad.ConfigError, match=r"--device cuda:3 was asked for but 2 CUDA GPUs are visible "
+                                             r"\(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
