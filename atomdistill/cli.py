@@ -316,11 +316,15 @@ def _evaluate(args, group):
         check_out()
     else:
         group.on_main(check_out)
+    # Each finished run is kept beside the record until the record is written: a killed evaluation,
+    # run again, continues from there (one process; under torchrun the ranks share the runs instead).
+    journal = out.with_name(out.name + ".partial")
+    options = {"journal": journal} if group is None else {}
     if group is not None:
         evaluate = group.evaluate
     def run(s):
         return evaluate(s, data, args.models, protocol, device=args.device,
-                        batched={"auto": "auto", "yes": True, "no": False}[args.batched])
+                        batched={"auto": "auto", "yes": True, "no": False}[args.batched], **options)
     results = run(synset)
     # a soft-label set: the same images with hard labels, and real images with its soft labels
     controls = label_controls(synset, data, run, seed=protocol.seed)
@@ -329,6 +333,7 @@ def _evaluate(args, group):
     record = evaluation_record(synset, results, protocol, path=None if args.set == "full" else args.set,
                                device=args.device)
     write_json(out, annotate_record(record, synset, controls))
+    journal.unlink(missing_ok=True)
     print(f"\n{synset.dataset} {synset.method} ipc={synset.ipc if args.set != 'full' else 'all'}  "
           f"({protocol.runs} runs x {protocol.epochs} epochs)")
     print(f"{'model':12s} {'accuracy %':>16s}  seconds")
@@ -503,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\natomdistill {args.command}: interrupted"
               + ("; continue with --resume RUN_DIR" if args.command == "distill" else
-                 "; run the same command again to continue" if args.command == "nas" else ""), file=sys.stderr)
+                 "; run the same command again to continue" if args.command in ("nas", "evaluate") else ""),
+              file=sys.stderr)
         return 130
     return 0
 

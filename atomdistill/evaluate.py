@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import numbers
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -54,8 +57,8 @@ from tqdm.auto import tqdm
 
 from .augment import DSA, DSAParams
 from .data import ImageDataset, load_dataset
-from .errors import ConfigError, check_integer, check_option_names
-from .io import write_json
+from .errors import AtomDistillError, ConfigError, check_integer, check_option_names
+from .io import hash_json, hash_tensors, write_json
 from .models import build_model, model_info
 from .rng import Stream, generator, seeded
 from .runtime import autocast, check_precision, compiled, resolve_device
@@ -106,7 +109,8 @@ class EvalProtocol:
 def evaluate(synset: SyntheticSet | str | os.PathLike, dataset: ImageDataset | str, models: Sequence[str] | str = ("convnet",),
              protocol: EvalProtocol | None = None, *, device: str | torch.device = "auto", progress: bool = True,
              batched: bool | str = "auto", test: tuple[torch.Tensor, torch.Tensor] | None = None,
-             max_parallel: int | None = None, **fields) -> dict[str, dict]:
+             max_parallel: int | None = None, journal: "EvalJournal | str | os.PathLike | None" = None,
+             **fields) -> dict[str, dict]:
     """Train `runs` fresh networks of each architecture on `synset`, test them on `dataset`'s test split.
 
     `synset` may be a set's path and `dataset` a name ("cifar10", loaded from ./data at its own size).
@@ -118,7 +122,10 @@ def evaluate(synset: SyntheticSet | str | os.PathLike, dataset: ImageDataset | s
     overflowed) has diverged: its entry in ``accs`` is None, it is left out of mean and std, and
     ``diverged`` counts such runs (mean and std are None when every run diverged). `test`:
     (images, labels) already in the set's space (skips ``synset.prepare_real``). `max_parallel`: at
-    most this many networks train together (bounds memory; same results)."""
+    most this many networks train together (bounds memory; same results). `journal`: a file (or
+    EvalJournal) where each finished run is kept; runs it already holds for this set, test data,
+    protocol and device are taken from it, not trained again, so a killed evaluation continues
+    where it stopped with the accuracies it would have had."""
     protocol = EvalProtocol.of(protocol, **fields)
     if isinstance(synset, (str, os.PathLike)):
         synset = SyntheticSet.load(synset)
@@ -140,14 +147,64 @@ def evaluate(synset: SyntheticSet | str | os.PathLike, dataset: ImageDataset | s
     # A multi-formation set (factor > 1) trains on its decoded images, each with its stored image's target.
     images, labels = synset.decoded()[0].detach().to(dev, torch.float32), training_targets(synset).to(dev)
     test_images, test_labels = test[0].detach().to(dev, torch.float32), test[1].to(dev, torch.long)
+    if journal is not None and not isinstance(journal, EvalJournal):
+        journal = EvalJournal(journal)
+    context = journal.context(images, labels, test_images, test_labels, protocol, dev) if journal else None
     results = {}
     for name in models:
         t0 = time.perf_counter()
-        accs = train_and_test(images, labels, test_images, test_labels, name, protocol, device=dev, progress=progress,
-                              batched=batched, num_classes=synset.num_classes, max_parallel=max_parallel,
-                              mark_diverged=True)
-        results[name] = summarise_runs(accs, time.perf_counter() - t0)
+        done = journal.runs(context, name) if journal else {}   # run -> (accuracy, seconds)
+        todo = [r for r in range(protocol.runs) if r not in done]
+        if done and progress:
+            print(f"{name}: {len(done)} of {protocol.runs} runs taken from {journal.path}", file=sys.stderr)
+        new = train_and_test(images, labels, test_images, test_labels, name, protocol, device=dev,
+                             progress=progress, batched=batched, num_classes=synset.num_classes,
+                             max_parallel=max_parallel, run_ids=todo, mark_diverged=True,
+                             on_runs=(lambda ids, accs, secs, m=name: journal.add(context, m, ids, accs, secs))
+                             if journal else None) if todo else []
+        accs = dict(zip(todo, new)) | {r: acc for r, (acc, _) in done.items()}
+        seconds = time.perf_counter() - t0 + sum(secs for _, secs in done.values())
+        results[name] = summarise_runs([accs[r] for r in range(protocol.runs)], seconds)
     return results
+
+
+class EvalJournal:
+    """The finished runs of evaluations, kept in a JSON file as they finish.
+
+    A run's draws come from (seed, run) alone, so the runs left after an interruption train
+    exactly as they would have in one go (bit for bit on a CPU). Runs are filed under a context,
+    a hash of what decides their accuracy (training images and targets, test data, protocol,
+    device type), and a model name: a journal never lends a run to another set or protocol."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.entries: dict[str, dict[str, dict[str, list]]] = {}   # context -> model -> run -> [acc, seconds]
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("format") != "atomdistill.EvalJournal":
+                    raise ValueError("not a journal")
+                self.entries = data["runs"]
+            except (OSError, ValueError, KeyError, AttributeError, TypeError):
+                raise AtomDistillError(f"{self.path} is not a readable evaluation journal; delete it to evaluate "
+                                       "from the first run") from None
+
+    @staticmethod
+    def context(images, labels, test_images, test_labels, protocol: EvalProtocol, device: torch.device) -> str:
+        return hash_json({"data": hash_tensors(images, labels, test_images, test_labels),
+                          "protocol": protocol.to_dict(), "device": torch.device(device).type})
+
+    def runs(self, context: str, model: str) -> dict[int, tuple[float, float]]:
+        """run -> (accuracy, or NaN for a diverged run; seconds) of the runs kept for (context, model)."""
+        kept = self.entries.get(context, {}).get(model, {})
+        return {int(r): (float("nan") if acc is None else float(acc), float(secs)) for r, (acc, secs) in kept.items()}
+
+    def add(self, context: str, model: str, ids: Sequence[int], accs: Sequence[float], seconds: float) -> None:
+        """Keep the runs `ids` (trained together in `seconds`) and rewrite the file atomically."""
+        kept = self.entries.setdefault(context, {}).setdefault(model, {})
+        for r, acc in zip(ids, accs):
+            kept[str(r)] = [None if not math.isfinite(acc) else float(acc), seconds / len(ids)]
+        write_json(self.path, {"format": "atomdistill.EvalJournal", "runs": self.entries})
 
 
 def training_targets(synset: SyntheticSet) -> torch.Tensor:
@@ -203,7 +260,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
                    device: str | torch.device = "auto", progress: bool = True, batched: bool | str = "auto",
                    model_kwargs: dict | None = None, num_classes: int | None = None,
                    max_parallel: int | None = None, run_ids: Sequence[int] | None = None,
-                   mark_diverged: bool = False) -> list[float]:
+                   mark_diverged: bool = False,
+                   on_runs: Callable[[list[int], list[float], float], None] | None = None) -> list[float]:
     """The core of the protocol: test accuracy (fraction) of each run, in run order.
 
     `images` are in the model-input space; test images likewise. `model_kwargs` are build_model
@@ -212,7 +270,8 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     True trains the runs together, False one after another, "auto" batches on a GPU only (on a
     CPU the work is compute-bound and the vmapped layers only add copies: batched was ~0.55x the
     speed of sequential on 2 EPYC cores, up to 0.85x with 5 runs). `mark_diverged`: a run whose
-    weights became non-finite gets NaN instead of the chance-level accuracy its network still scores."""
+    weights became non-finite gets NaN instead of the chance-level accuracy its network still scores.
+    `on_runs(ids, accuracies, seconds)` hears each group of runs as it finishes (EvalJournal)."""
     protocol = protocol or EvalProtocol()
     if len(images) == 0:
         raise ConfigError("the set to train on is empty; pass a set with at least one image")
@@ -241,11 +300,16 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_images: torc
     accs: list[float] = []
     try:
         for ids in groups:
+            t0 = time.perf_counter()
             fn = _train_group if batched else _train_one
-            accs += fn(spec, ids, images, labels, test_images, test_labels, protocol, aug, dev, bar)
+            done = [float("nan") if mark_diverged and isinstance(a, DivergedAccuracy) else float(a)
+                    for a in fn(spec, ids, images, labels, test_images, test_labels, protocol, aug, dev, bar)]
+            if on_runs is not None:
+                on_runs(ids, done, time.perf_counter() - t0)
+            accs += done
     finally:
         bar.close()
-    return [float("nan") if mark_diverged and isinstance(a, DivergedAccuracy) else float(a) for a in accs]
+    return accs
 
 
 def full_training_set(dataset: ImageDataset) -> SyntheticSet:

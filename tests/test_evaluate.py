@@ -210,3 +210,36 @@ def test_one_protocol_everywhere(data, tmp_path):
                          (dict(weight_decay=-1e-4), "weight_decay must be a finite number >= 0")):
         with pytest.raises(ConfigError, match=message):
             EvalProtocol(**bad)
+
+
+# ---- the journal: an interrupted evaluation continues where it stopped ----------------------------
+def test_a_journal_keeps_finished_runs_and_an_interrupted_evaluation_ends_as_one_run(tmp_path, noisy, monkeypatch):
+    kw = dict(models=["convnet", "convnet-bn"], runs=3, epochs=4, seed=2, progress=False)
+    straight = evaluate(as_set(noisy), noisy, **kw)
+    real_train, trained = ev._train_one, []
+
+    def killed_at_the_fourth_run(spec, ids, *args):
+        if len(trained) == 3:
+            raise KeyboardInterrupt
+        trained.append((spec.name, *ids))
+        return real_train(spec, ids, *args)
+    monkeypatch.setattr(ev, "_train_one", killed_at_the_fourth_run)
+    journal = tmp_path / "eval.json.partial"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(as_set(noisy), noisy, journal=journal, **kw)
+    assert trained == [("convnet", 0), ("convnet", 1), ("convnet", 2)]
+    trained.clear()
+    monkeypatch.setattr(ev, "_train_one",
+                        lambda spec, ids, *a: trained.append((spec.name, *ids)) or real_train(spec, ids, *a))
+    resumed = evaluate(as_set(noisy), noisy, journal=journal, **kw)
+    assert trained == [("convnet-bn", 0), ("convnet-bn", 1), ("convnet-bn", 2)]   # only the runs left
+    assert {m: r["accs"] for m, r in resumed.items()} == {m: r["accs"] for m, r in straight.items()}
+    # The journal lends runs to nothing else: another protocol, set or model trains afresh.
+    trained.clear()
+    evaluate(as_set(noisy), noisy, journal=journal, **{**kw, "epochs": 3, "models": ["convnet"], "runs": 1})
+    evaluate(as_set(noisy, images=noisy.train_images.flip(-1)), noisy, journal=journal,
+             **{**kw, "models": ["convnet"], "runs": 1})
+    assert trained == [("convnet", 0), ("convnet", 0)]
+    journal.write_text("{")
+    with pytest.raises(ev.AtomDistillError, match="not a readable evaluation journal; delete it"):
+        evaluate(as_set(noisy), noisy, journal=journal, **kw)

@@ -251,6 +251,31 @@ def test_kill_9_at_a_random_point_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert resumed.info["iterations_done"] == iterations and not list(run.glob(".*.tmp"))
 
 
+def test_kill_9_during_an_evaluation_then_the_same_command_continues_it(run, tmp_path):
+    """Each finished network is kept in eval.json.partial: the same command, run again, trains only
+    the networks left, and the record equals one from an evaluation never interrupted."""
+    args = ["evaluate", str(run), "--runs", "4", "--epochs", "40", "--seed", "3"]
+    journal = run / "eval.json.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "atomdistill", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not journal.exists():
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the evaluation ended before it was killed"
+    kept = json.loads(journal.read_text())["runs"]
+    assert 1 <= sum(len(runs) for by_model in kept.values() for runs in by_model.values()) < 4
+    assert not (run / "eval.json").exists()
+    assert main(args) == 0 and not journal.exists()
+    assert main([*args, "--out", str(tmp_path / "straight.json")]) == 0
+    resumed, straight = (json.loads(p.read_text())["results"]["convnet"]["accs"]
+                         for p in (run / "eval.json", tmp_path / "straight.json"))
+    assert resumed == straight
+
+
 # ---- 4. the set loader checks what it reads ----------------------------------------------------
 def _write_raw(path: Path, tensors: dict, meta) -> Path:
     """A set file as an old version or another tool might write it: no checksum."""
