@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -496,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except AtomDistillError as e:
-        print(f"atomdistill {args.command}: error: {e}", file=sys.stderr)
+        # An error the whole torchrun group agreed on is said once, by rank 0, not once per process.
+        if not getattr(e, "every_rank", False) or os.environ.get("RANK", "0") == "0":
+            print(f"atomdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not is_out_of_memory(e):

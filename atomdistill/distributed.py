@@ -210,7 +210,9 @@ class ProcessGroup:
         outcome = self.broadcast_object(outcome, "waiting for rank 0")
         if outcome[0] == "ok":
             return outcome[1]
-        raise own if own is not None else _rebuild(0, outcome)
+        error = own if own is not None else _rebuild(0, outcome)
+        error.every_rank = True   # the whole group stops here: the command line lets rank 0 say it
+        raise error
 
     def agree(self, fn: Callable, *args, **kwargs) -> Any:
         """Run `fn` on every rank; if it fails on any, every rank raises (the lowest failing rank's error)."""
@@ -220,11 +222,11 @@ class ProcessGroup:
         except Exception as e:
             own, outcome = e, _describe(e)
         outcomes = self.all_gather_object(outcome, "checking the inputs of every process")
-        if own is not None:
-            raise own
-        for rank, o in enumerate(outcomes):
-            if o[0] != "ok":
-                raise _rebuild(rank, o)
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o[0] != "ok"]
+        if failed:
+            error = own if own is not None else _rebuild(*failed[0])
+            error.every_rank = True   # the whole group stops here: the command line lets rank 0 say it
+            raise error
         return result
 
     # ---- the package's operations, across the group ------------------------------------------

@@ -369,3 +369,7 @@ def test_torchrun_command_line(tmp_path):
     assert p.stdout.count("synthetic set:") == 1   # only rank 0 reports
     ref = distill("digits", ipc=1, iterations=2, batch_real=4, device="cpu", seed=1, progress=False)
     assert torch.allclose(SyntheticSet.load(out).images, ref.images, atol=1e-5)
+    # A refusal every rank agrees on is said once (each rank printed it), then torchrun's own report.
+    p = subprocess.run([*cmd[:cmd.index("--ipc")], "--ipc", "1000", "--out", str(tmp_path / "refused")],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode != 0 and p.stderr.count("--ipc 1000 is larger than the smallest class") == 1, p.stderr[-3000:]
