@@ -46,6 +46,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -160,8 +161,7 @@ def evaluate(synset: SyntheticSet | str | os.PathLike, dataset: ImageDataset | s
         new = train_and_test(images, labels, test_images, test_labels, name, protocol, device=dev,
                              progress=progress, batched=batched, num_classes=synset.num_classes,
                              max_parallel=max_parallel, run_ids=todo, mark_diverged=True,
-                             on_runs=(lambda ids, accs, secs, m=name: journal.add(context, m, ids, accs, secs))
-                             if journal else None) if todo else []
+                             on_runs=partial(journal.add, context, name) if journal else None) if todo else []
         accs = dict(zip(todo, new)) | {r: acc for r, (acc, _) in done.items()}
         seconds = time.perf_counter() - t0 + sum(secs for _, secs in done.values())
         results[name] = summarise_runs([accs[r] for r in range(protocol.runs)], seconds)
