@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluations (IPC 10 and up); needs a C++ compiler on a CPU")
     p.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
                    help="train the runs of one architecture together (auto: on a GPU; on a CPU one by one is faster)")
-    p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set)")
+    p.add_argument("--out", default=None, help="JSON record (default: eval.json beside the set); finished networks "
+                                                "are kept in OUT.partial until it is written, so an interrupted "
+                                                "evaluation continues when the same command is run again")
 
     p = sub.add_parser("baseline", help="select a real coreset (random, herding, kcenter) as a synthetic set")
     p.add_argument("kind", choices=("random", "herding", "kcenter"))
