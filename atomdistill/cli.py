@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default=None, help="also export one PNG per image into this new or empty folder")
     p.add_argument("--decoded", action="store_true",
                    help="show the images training sees (a multi-formation set's decoded tiles), not the stored ones")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in the --folder")
 
     p = sub.add_parser("import", help="a set from another tool's file (DC/DM/DataDAM .pt, MTT tensors, image folder)")
     p.add_argument("file", help="the file (dc), folder or images_best.pt (mtt), or class-folder root (folder)")
@@ -391,10 +392,10 @@ def cmd_show(args):
     synset = SyntheticSet.load(args.set)
     check_new_file(args.out, overwrite=None, inputs=[set_file(args.set)], remade=(".png",))
     if args.folder:
-        check_new_folder(args.folder)
+        check_new_folder(args.folder, overwrite=args.overwrite)
     print(f"{synset}\ngrid: {synset.save_grid(args.out, decoded=args.decoded)}")
     if args.folder:
-        print(f"images: {synset.export_folder(args.folder, decoded=args.decoded)}")
+        print(f"images: {synset.export_folder(args.folder, decoded=args.decoded, overwrite=args.overwrite)}")
 
 
 def cmd_import(args):

@@ -237,6 +237,10 @@ def test_exports_never_mix_with_or_half_replace_an_earlier_one(tmp_path, capsys,
     assert "pass --overwrite" in capsys.readouterr().err
     assert run("export", tmp_path / "big.safetensors", "--format", "folder", "--out", imgs, "--overwrite") == 0
     assert import_set(imgs, "folder", digits, zca=False).synset.ipc == 3
+    small.save(tmp_path / "small.safetensors")   # show --folder takes --overwrite too
+    assert run("show", tmp_path / "small.safetensors", "--out", tmp_path / "g.png", "--folder", imgs,
+               "--overwrite") == 0
+    assert import_set(imgs, "folder", digits, zca=False).synset.ipc == 1
 
 
 # ---- soft labels in evaluation ---------------------------------------------------------------------
