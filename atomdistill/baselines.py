@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .data import ImageDataset, check_ipc, load_dataset, zca_by_default
+from .data import ImageDataset, as_dataset, check_ipc, zca_by_default
 from .errors import ConfigError, check_integer
 from .io import atomic_path, hash_json
 from .models import build_model
@@ -57,10 +57,7 @@ def select_coreset(dataset: ImageDataset | str, ipc: int, method: str = "random"
     and k-center at several IPCs train the embedding network once. ``dataset`` may be a dataset's
     name (loaded from ./data).
     """
-    if isinstance(dataset, str):
-        dataset = load_dataset(dataset)
-    if not isinstance(dataset, ImageDataset):
-        raise ConfigError(f"select_coreset needs an ImageDataset or a dataset name, got {type(dataset).__name__}")
+    dataset = as_dataset(dataset, "select_coreset")
     if method not in BASELINES:
         raise ConfigError(f"unknown baseline {method!r}; use one of {', '.join(BASELINES)}")
     if embedding not in EMBEDDINGS:

@@ -299,6 +299,16 @@ def zca_by_default(name: str) -> bool:
         return False
 
 
+def as_dataset(dataset: "ImageDataset | str", who: str, what: str = "an ImageDataset or a dataset name") -> "ImageDataset":
+    """`dataset` itself, or the dataset of that name (loaded from ./data); a ConfigError saying
+    that `who` needs `what` for anything else."""
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    if not isinstance(dataset, ImageDataset):
+        raise ConfigError(f"{who} needs {what}, got {type(dataset).__name__}")
+    return dataset
+
+
 def count_classes(name: str, data_root: str | os.PathLike | None = None) -> int:
     """How many classes dataset ``name`` has, without loading its images (a folder's are counted)."""
     spec = dataset_spec(name)

@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images, class_folders, load_dataset
-from .errors import AtomDistillError, ConfigError
+from .data import ImageDataset, _decode_images, _hwc_to_tensor, _list_images, as_dataset, class_folders
+from .errors import AtomDistillError
 from .io import atomic_folder, atomic_path, check_new_file
 from .synset import SyntheticSet, _safe_name
 from .zca import ZCA
@@ -341,11 +341,7 @@ def import_set(path: str | Path, fmt: str, data: ImageDataset | str, *, zca: boo
     the ImageDataset the set was made from, or its name (loaded from ./data)."""
     path = Path(path)
     check_format(fmt)
-    if isinstance(data, str):
-        data = load_dataset(data)
-    if not isinstance(data, ImageDataset):
-        raise ConfigError(f"import_set needs the dataset the set was made from (an ImageDataset or a dataset "
-                               f"name), got {type(data).__name__}")
+    data = as_dataset(data, "import_set", "the dataset the set was made from (an ImageDataset or a dataset name)")
     if origin is None and fmt == "mtt":
         origin = "mtt"
     settings = origin_settings(origin, data.image_size) if origin is not None else {}
