@@ -174,8 +174,10 @@ def check_numbers(cfg: DistillConfig) -> None:
             raise ConfigError(f"--{name} must be a finite number, got {v!r}")
     if cfg.lr is not None and cfg.lr <= 0:
         raise ConfigError(f"--lr must be greater than 0, got {cfg.lr}")
-    if cfg.momentum < 0:
-        raise ConfigError(f"--momentum must be at least 0, got {cfg.momentum}")
+    if not 0 <= cfg.momentum < 1:
+        # Heavy-ball SGD never forgets a step at momentum 1 and grows them past it: the run
+        # would end later in a NaN loss blamed on --lr.
+        raise ConfigError(f"--momentum must be at least 0 and below 1, got {cfg.momentum}")
 
 
 # ---- deterministic randomness: every draw from (seed, stream, iteration, class), see rng.py ----

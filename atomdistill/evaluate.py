@@ -91,6 +91,8 @@ class EvalProtocol:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be below 1 (SGD diverges from 1 up), got {self.momentum!r}")
         check_precision(self.precision)
 
     @classmethod

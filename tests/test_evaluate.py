@@ -207,7 +207,8 @@ def test_one_protocol_everywhere(data, tmp_path):
                          (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
                          (dict(seed=-1), "seed must be an integer >= 0, got -1"),
                          (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
-                         (dict(weight_decay=-1e-4), "weight_decay must be a finite number >= 0")):
+                         (dict(weight_decay=-1e-4), "weight_decay must be a finite number >= 0"),
+                         (dict(momentum=1.0), "momentum must be below 1")):
         with pytest.raises(ConfigError, match=message):
             EvalProtocol(**bad)
 

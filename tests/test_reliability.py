@@ -142,7 +142,8 @@ def test_a_kill_during_the_first_config_write_leaves_a_folder_both_commands_unde
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
-                                    "--pool-steps=-1", "--pool-size=0", "--seed=-1"])
+                                    "--pool-steps=-1", "--pool-size=0", "--seed=-1", "--momentum=1",
+                                    "--momentum=2"])
 def test_non_finite_or_impossible_options_are_refused_at_the_start(tmp_path, capsys, option):
     refused(capsys, ["distill", *RUN_ARGS, option, "--out", tmp_path / "r"], option.split("=")[0])
     assert not (tmp_path / "r").exists()
