@@ -322,7 +322,9 @@ class Distiller:
         # images of all classes go through in one batch: so must the real ones (as in the reference
         # code), or real features would be normalised per class and synthetic ones across classes.
         # Other norms act per image, so the real batch can go through in chunks.
-        self.real_in_one_batch = has_batch_norm(build_model(self.config.net, data.channels, 2, data.image_size))
+        probe = build_model(self.config.net, data.channels, 2, data.image_size)
+        self.real_in_one_batch = has_batch_norm(probe)
+        self.loss_fn.check_layers(probe.num_blocks - 1)   # --layers 9 fails here, not after the bar starts
         self.syn_labels = torch.arange(data.num_classes, device=self.device).repeat_interleave(self.config.ipc)
         self.decoded_labels = decode_labels(self.syn_labels, self.config.factor)
         self.pool = None

@@ -171,13 +171,17 @@ class MatchingLoss:
             (("spatial", weights.spatial), ("channel", weights.channel), ("mmd", weights.mmd)) if w > 0
         }
 
+    def check_layers(self, num_intermediate: int) -> None:
+        """ConfigError unless every chosen layer is one of the network's intermediate blocks."""
+        bad = [i for i in self.weights.layers or () if not 1 <= i <= num_intermediate]
+        if bad:
+            raise ConfigError(f"layers {bad} out of range: this network has intermediate blocks "
+                              f"1..{num_intermediate}")
+
     def _layers(self, activations: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.weights.layers is None:
             return activations
-        bad = [i for i in self.weights.layers if not 1 <= i <= len(activations)]
-        if bad:
-            raise ConfigError(f"layers {bad} out of range: this network has intermediate blocks "
-                              f"1..{len(activations)}")
+        self.check_layers(len(activations))
         return [activations[i - 1] for i in self.weights.layers]
 
     def vectors(self, activations: list[torch.Tensor], embedding: torch.Tensor) -> dict[str, torch.Tensor]:

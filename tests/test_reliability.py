@@ -149,6 +149,15 @@ def test_non_finite_or_impossible_options_are_refused_at_the_start(tmp_path, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_a_layer_the_network_lacks_is_refused_before_the_run_starts(tmp_path, capsys):
+    # It was found by the first iteration's loss, after the progress bar had been drawn.
+    code = main(["distill", *RUN_ARGS, "--layers", "1,9", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == ("atomdistill distill: error: layers [9] out of range: this network "
+                                         "has intermediate blocks 1..2"), err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command", [["evaluate", "SET", "--runs", "1", "--epochs", "1"],
                                      ["baseline", "random", "--ipc", "1"], ["baseline", "herding", "--ipc", "1"],
                                      ["nas", "--proxy", "SET", "--grid", "depth=1", "--epochs", "1"]])
