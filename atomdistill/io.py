@@ -7,9 +7,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,15 +166,19 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
     is either the old export or the new. `path` must be new or empty, or, with `overwrite`, hold
     only an earlier export's files (check_new_folder). Failed writes raise an AtomDistillError."""
     path = Path(path)
+    sweep_killed_exports(path.parent)
     check_new_folder(path, overwrite=overwrite)
     tmp = old = None
+    lock = old_lock = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+        lock = _lock_folder(tmp)   # marks it live for sweep_killed_exports
         os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; an export is an ordinary folder
         yield tmp
         if path.exists():   # rename cannot replace a non-empty folder: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=TMP_SUFFIX, dir=path.parent))
+            old_lock = _lock_folder(old)
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         tmp = None
@@ -186,6 +192,65 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
         for leftover in (tmp, old):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+        for fd in (lock, old_lock):
+            if fd is not None:
+                os.close(fd)
+
+
+_EXPORT_TMP = re.compile(r"\..+\.(old\.)?[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+STALE_AFTER_S = 60   # a temporary folder younger than this may be a starting export's, not yet locked
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An flock on the folder itself, held until the returned descriptor is closed (the kernel
+    drops it when the process dies, kill -9 included). None where there is no flock."""
+    if fcntl is None:   # pragma: no cover - Windows
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_killed_exports(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary folders that killed exports left in `folder`; the ones removed.
+
+    A live export holds an flock on its temporary folder; one that is unlocked and over a minute
+    old was left by an export that died. If the kill came between moving an earlier export aside
+    and renaming the new one in, the earlier export is put back in its place first: nothing is
+    lost. Where there is no flock (Windows) nothing is removed."""
+    folder = Path(folder)
+    removed = []
+    if fcntl is None or not folder.is_dir():
+        return removed
+    for tmp in sorted(folder.glob(f".*{TMP_SUFFIX}")):
+        # Only mkdtemp's names for atomic_folder (.NAME.XXXXXXXX.tmp, .NAME.old.XXXXXXXX.tmp);
+        # atomic_path's temporaries are files, swept under their run folder's lock.
+        if not _EXPORT_TMP.fullmatch(tmp.name) or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue   # a live export
+            if time.time() - os.fstat(fd).st_mtime < STALE_AFTER_S:
+                continue
+            entries = list(tmp.iterdir())
+            if ".old." in tmp.name:   # holds the earlier export, moved aside
+                if len(entries) != 1 or not entries[0].is_dir() or _foreign_file(entries[0]) is not None:
+                    continue
+                if not (folder / entries[0].name).exists():
+                    os.replace(entries[0], folder / entries[0].name)
+            elif _foreign_file(tmp) is not None:
+                continue   # never delete what an export does not write
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:

@@ -1,8 +1,13 @@
 """Sets from other tools: files in each format built here, round trips, safety, soft labels."""
 import errno
+import fcntl
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -241,6 +246,82 @@ def test_exports_never_mix_with_or_half_replace_an_earlier_one(tmp_path, capsys,
     assert run("show", tmp_path / "small.safetensors", "--out", tmp_path / "g.png", "--folder", imgs,
                "--overwrite") == 0
     assert import_set(imgs, "folder", digits, zca=False).synset.ipc == 1
+
+
+def _killed_export(target, before_swap=True):
+    """A real process that dies by SIGKILL inside atomic_folder, holding its locks: before the swap
+    (a half-written temporary folder) or between moving the earlier export aside and renaming in."""
+    code = f"""
+import os, signal
+from pathlib import Path
+from atomdistill import io
+target = Path({str(target)!r})
+if not {before_swap}:
+    real_replace = os.replace
+    def replace(src, dst):
+        real_replace(src, dst)
+        if Path(dst).parent.name.startswith(".{target.name}.old."):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace
+with io.atomic_folder(target, overwrite=True) as tmp:
+    (tmp / "0").mkdir()
+    (tmp / "0" / "0.png").write_bytes(b"half")
+    if {before_swap}:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def _age(path, seconds=3600):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_killed_export_leaves_nothing_behind_and_loses_nothing(tmp_path, digits):
+    # A kill -9 during a folder export left its hidden temporary folder for good; a kill between
+    # its two renames left the earlier export hidden beside a missing target.
+    s = real_set(digits, ipc=1)
+    imgs = tmp_path / "imgs"
+    export_set(s, "folder", imgs)
+    before = _files(imgs)
+    _killed_export(imgs)
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "imgs"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".imgs.") and _files(imgs) == before
+    export_set(s, "folder", tmp_path / "other")   # a young leftover may be an export starting: kept
+    assert leftovers[0].exists()
+    _age(leftovers[0])
+    export_set(s, "folder", tmp_path / "third")   # any export in the folder sweeps the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "other", "third"]
+
+    _killed_export(imgs, before_swap=False)       # killed with the earlier export moved aside
+    assert not imgs.exists()
+    for p in tmp_path.glob(".imgs.*"):
+        _age(p)
+    with pytest.raises(AtomDistillError, match="not empty"):   # it is back in its place, and kept
+        export_set(s, "folder", imgs)
+    assert _files(imgs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "other", "third"]
+
+
+def test_the_sweep_spares_live_exports_and_what_no_export_writes(tmp_path):
+    from atomdistill.io import sweep_killed_exports
+    live, users, named = (tmp_path / ".imgs.abcd1234.tmp", tmp_path / ".imgs.efgh5678.tmp",
+                          tmp_path / ".cache.tmp")
+    for d in (live, users, named):
+        (d / "0").mkdir(parents=True)
+        (d / "0" / "0.png").write_bytes(b"x")
+    (users / "notes.txt").write_text("the user's own file")
+    for d in (live, users, named):
+        _age(d)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)   # as an export that is running holds it
+    try:
+        assert sweep_killed_exports(tmp_path) == []
+    finally:
+        os.close(fd)
+    assert sweep_killed_exports(tmp_path) == [live]
+    assert users.exists() and named.exists()
 
 
 # ---- soft labels in evaluation ---------------------------------------------------------------------
