@@ -364,7 +364,9 @@ def check_set_out(args, inputs=()) -> None:
     """A command's --out set: not a .png (its grid is written beside it as .png), never one of its
     inputs, and an existing file only with --overwrite."""
     from .io import check_new_file
+    from .synset import check_set_name
     out = Path(args.out)
+    check_set_name(out)
     if out.suffix.lower() == ".png":
         raise AtomDistillError(f"--out {out} would be both the set and its grid (the grid goes beside the set as "
                                f".png); pass e.g. --out {out.with_suffix('.safetensors')}")

@@ -150,6 +150,8 @@ class SyntheticSet:
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the set as one safetensors file (images, labels, ZCA, soft labels, metadata)."""
+        check_set_name(path)
         tensors = {"images": self.images.detach().float().cpu().contiguous(),
                    "labels": self.labels.detach().long().cpu().contiguous()}
         if not torch.isfinite(tensors["images"]).all():   # load() refuses such a set: never write one
@@ -195,6 +197,20 @@ class SyntheticSet:
 
 
 # The files users pass for a set by mistake, told apart by their first bytes.
+# Names that promise another format: torch.load or pickle on a safetensors file fails obscurely.
+OTHER_FORMAT_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".json")
+
+
+def check_set_name(path: str | os.PathLike) -> None:
+    """AtomDistillError for a set file named as if it were a torch, pickle, numpy or JSON file."""
+    path = Path(path)
+    if path.suffix.lower() in OTHER_FORMAT_SUFFIXES:
+        raise AtomDistillError(
+            f"{path}: a synthetic set is saved as safetensors, which torch.load and pickle cannot read; name it "
+            f"{path.with_suffix('.safetensors').name} (for a torch file that DC/DM-style scripts read, export it: "
+            "`atomdistill export SET --format dc --out res.pt`, or ad.export_set(synset, 'dc', 'res.pt'))")
+
+
 _OTHER_KINDS = ((b"\x89PNG", "a PNG picture (a set's grid?); pass the .safetensors file beside it"),
                 (b"PK\x03\x04", "a torch/zip file; bring another tool's set in with `atomdistill import FILE "
                                 "--format dc|mtt`"),

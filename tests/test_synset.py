@@ -113,3 +113,16 @@ def test_a_file_of_another_kind_given_as_a_set_is_named(tmp_path):
             break
     assert (tmp_path / "s.safetensors").read_bytes()[0] in (0x80, ord("{"))
     assert SyntheticSet.load(tmp_path / "s.safetensors").info["pad"] == "x" * pad
+
+
+def test_a_set_named_like_a_torch_file_is_refused_before_any_work(tmp_path, capsys):
+    # s.save("s.pt") wrote safetensors bytes that torch.load later failed on ("invalid load key").
+    from atomdistill.cli import main
+    for name in ("s.pt", "s.PTH", "s.pkl", "s.npz"):
+        with pytest.raises(AtomDistillError, match=r"saved as safetensors.*name it s\.safetensors.*--format dc"):
+            _set().save(tmp_path / name)
+    assert main(["baseline", "random", "--ipc", "1", "--out", str(tmp_path / "b.pt")]) == 2
+    assert "name it b.safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    _set().save(tmp_path / "s")   # no suffix, or any other, stays allowed
+    assert SyntheticSet.load(tmp_path / "s").ipc == 2
