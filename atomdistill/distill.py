@@ -424,6 +424,12 @@ class Distiller:
         state = self._load_checkpoint() if self.resume else None
         if state is not None:
             self._saved_iteration = state.iteration
+            if state.iteration > cfg.iterations:   # else the config would say fewer than the set had
+                error = ConfigError(f"{self.out} has done {state.iteration} iterations, more than --iterations "
+                                    f"{cfg.iterations}, and a resumed run cannot undo them; pass --iterations "
+                                    f"{state.iteration} or more, or start a new run")
+                error.every_rank = True   # every process of a torchrun group holds the same checkpoint
+                raise error
         if state is None:
             state = RunState(0, initial_images(self.train_images, self.cpu_class_indices, self.global_ids, cfg.ipc,
                                                cfg.init, cfg.seed, cfg.factor), None)

@@ -139,6 +139,17 @@ def test_a_kill_during_the_first_config_write_leaves_a_folder_both_commands_unde
     assert not list(run.glob(".*.tmp")) and SyntheticSet.load(run).info["iterations_done"] == 2
 
 
+def test_resuming_with_fewer_iterations_than_done_is_refused_and_changes_nothing(run, capsys):
+    # It kept the 2 iterations done and rewrote the configuration (and the set's) to say 1.
+    before = snapshot(run)
+    refused(capsys, ["distill", "--resume", run, "--iterations", "1"], "has done 2 iterations",
+            "pass --iterations 2 or more")
+    assert snapshot(run) == before
+    assert main(["distill", "--resume", str(run), "--iterations", "3"]) == 0
+    s = SyntheticSet.load(run)
+    assert s.config["iterations"] == 3 and s.info["iterations_done"] == 3
+
+
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
