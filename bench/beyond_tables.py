@@ -48,6 +48,8 @@ EFFECTS = [
     (10, "`--mmd-kernel gaussian`", KERNEL, "", "–"),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}", FACTOR, "`--factor 2`"),
     (10, "`--factor 2` + pool", f"{FACTOR} {POOL}", FACTOR, "`--factor 2`"),
+    (10, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", f"{FACTOR} {KERNEL}", "`--factor 2` + kernel"),
+    (10, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", FACTOR, "`--factor 2`"),
 ]
 # Table 2: (IPC, the options as the page names them, the options).
 SAME_OPTIONS = [
