@@ -304,6 +304,16 @@ def test_a_killed_export_leaves_nothing_behind_and_loses_nothing(tmp_path, digit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "other", "third"]
 
 
+def test_an_export_to_the_current_folder_is_refused(tmp_path, digits, monkeypatch):
+    # In an empty folder, `--out .` passed the checks and failed on the rename: "Device or resource busy".
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(AtomDistillError, match="is the current folder or holds it.*name a new folder"):
+            export_set(real_set(digits, ipc=1), "folder", out, overwrite=True)
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 def test_the_sweep_spares_live_exports_and_what_no_export_writes(tmp_path):
     from atomdistill.io import sweep_killed_exports
     live, users, named = (tmp_path / ".imgs.abcd1234.tmp", tmp_path / ".imgs.efgh5678.tmp",
