@@ -211,7 +211,11 @@ def _lock_folder(folder: Path) -> int | None:
     if fcntl is None:   # pragma: no cover - Windows
         return None
     fd = os.open(folder, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:   # a file system without locks (ENOLCK): the sweep cannot lock it either, so skips it
+        os.close(fd)
+        return None
     return fd
 
 
