@@ -200,7 +200,11 @@ def read_mtt(path: Path, labels_path: str | Path | None) -> tuple[object, object
     if labels_path is None:
         labels_path = folder / (MTT_LABELS if path.is_dir() else path.name.replace("images", "labels"))
     labels_path = Path(labels_path)
-    if labels_path == images_path or not labels_path.is_file():
+    if labels_path == images_path:   # the name has no "images" to turn into "labels"
+        raise AtomDistillError(f"no label file for {images_path}: MTT saves images_best.pt beside labels_best.pt, "
+                               "and this name does not say which file holds the labels; pass --labels FILE (or "
+                               "--format dc for a DC/DM/DataDAM result file)")
+    if not labels_path.is_file():
         raise AtomDistillError(f"no label file for {images_path} (looked for {labels_path}); pass --labels FILE")
     facts = {"images": str(images_path), "labels": str(labels_path)}
     lr_path = next((folder / n for n in MTT_LRS if (folder / n).is_file()), None)

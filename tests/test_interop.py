@@ -170,6 +170,8 @@ def _dc(path, images, labels):
     (torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 10]), "dc", "class id 10, out of range"),
     (torch.zeros(4, 1, 8, 8), torch.zeros(5, dtype=torch.long), "dc", "expected class ids"),
     (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), "hdf5", "unknown format 'hdf5'"),
+    # a DC file read as MTT said "no label file for res.pt (looked for res.pt)"
+    (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), "mtt", "pass --labels FILE (or --format dc"),
 ])
 def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys, images, labels, fmt, message):
     path = _dc(tmp_path / "res.pt", images, labels)
