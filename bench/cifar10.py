@@ -5,6 +5,8 @@
     python bench/cifar10.py --budget paper --data-root data  # the published protocol, for a GPU
     python bench/cifar10.py --data-root data --methods atom --baselines --ipc 1 --options "--factor 2"
                                                              # P1 with extra distill options (issue 16's)
+    python bench/cifar10.py --data-root data --ipc 10 --eval-models convnet,alexnet,vgg11,resnet18 --device cuda
+                                                             # P1 sets on four architectures (a table of each)
 
 Budgets:
   cpu    Protocol P1 of docs/benchmarks.md, so our rows sit beside the official
@@ -119,6 +121,10 @@ def main():
     p.add_argument("--options", default="",
                    help="extra `atomdistill distill` options for every method, e.g. '--factor 2 --nets pool' "
                         "(default folder results/cifar10-BUDGET[-NET]-OPTIONS)")
+    p.add_argument("--eval-models", default=None, metavar="M1,M2",
+                   help="evaluation architectures, e.g. convnet,alexnet,vgg11,resnet18 for the cross-architecture "
+                        "table (default: the budget's; the list must hold the distillation network, whose column "
+                        "the main table shows; default folder gains -eval-M1_M2...)")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from the finished steps")
     args = p.parse_args()
     if args.baselines == ["none"]:
@@ -129,13 +135,18 @@ def main():
     b = BUDGETS[args.budget]
     ipcs = args.ipc or b["ipcs"]
     extra = shlex.split(args.options)
+    models = [args.net if m == "convnet" else m for m in b["models"]] if args.eval_models is None else \
+        [m.strip() for m in args.eval_models.split(",") if m.strip()]
+    if args.net not in models:
+        p.error(f"--eval-models {args.eval_models} lacks the distillation network {args.net}, whose accuracy the "
+                f"main table shows; add it (e.g. --eval-models {','.join([args.net, *models])})")
     out = Path(args.out or f"results/cifar10-{args.budget}" + ("" if args.net == "convnet" else f"-{args.net}")
-               + "".join("-" + "".join(c if c.isalnum() or c in ".=" else "_" for c in t.lstrip("-")) for t in extra))
+               + "".join("-" + "".join(c if c.isalnum() or c in ".=" else "_" for c in t.lstrip("-")) for t in extra)
+               + ("" if args.eval_models is None else "-eval-" + "_".join(models)))
     out.mkdir(parents=True, exist_ok=True)
     steps_file = out / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
     data = ["--dataset", "cifar10", "--data-root", args.data_root]
-    models = [args.net if m == "convnet" else m for m in b["models"]]
     evaluate = ["--models", ",".join(models), "--runs", str(b["runs"]), "--epochs", str(b["epochs"]),
                 "--device", args.device]
 
@@ -171,7 +182,7 @@ def main():
         for kind in args.baselines:
             if kind != "random":
                 baseline(kind, ipc, seed)
-    write_table(out, args, b, ipcs, steps)
+    write_table(out, args, b, ipcs, steps, models)
 
 
 def step_name(kind: str, ipc: int, seed: int) -> str:
@@ -202,7 +213,28 @@ def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
             "| method | IPC | seeds | accuracy % | per seed |", "|---|---|---|---|---|", *lines]
 
 
-def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
+def architectures_table(out: Path, args, ipcs: list[int], models: list[str]) -> list[str]:
+    """Every evaluated set on every evaluation architecture: mean ± std over its evaluation runs."""
+    lines = ["", "Across architectures (accuracy %, mean ± std over each set's evaluation runs; a run that "
+             "diverged is counted at its accuracy and noted):", "",
+             "| method | IPC | seed | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+    for ipc in ipcs:
+        for seed in args.seeds:
+            for kind in [*args.baselines, *args.methods]:
+                record = record_path(out, kind, ipc, seed)
+                if not record.exists():
+                    continue
+                results = json.loads(record.read_text())["results"]
+                cells = []
+                for m in models:
+                    r = results.get(m)
+                    cells.append("–" if r is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+                                 + (f" ({r['diverged']} diverged)" if r.get("diverged") else ""))
+                lines.append(f"| {kind} | {ipc} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict, models: list[str]):
     lo, hi = b["speed_window"]
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
@@ -234,6 +266,8 @@ def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict):
             lines.append(f"| {label} | {ipc} | {seed} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
                          f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
     lines += seeds_table(out, args, ipcs)
+    if len(models) > 1:
+        lines += architectures_table(out, args, ipcs, models)
     cpu, flags = cpu_name(), cpu_flags() or set()
     for vendor, (matches, rows) in OFFICIAL_P1.items():
         if args.budget == "cpu" and matches(cpu, flags):

@@ -58,6 +58,24 @@ def test_cifar10_bench_baselines_none_runs_only_the_methods_and_unknown_names_ar
     assert bad.returncode == 2 and "unknown baseline randm" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_cifar10_bench_eval_models_adds_the_architectures_table(tmp_path):
+    # Issue 16's cross-architecture rows in one command (a GPU job at IPC 10): every set on every network.
+    write_cifar10(tmp_path / "data")
+    data = ["--data-root", str(tmp_path / "data")]
+    run = run_bench(*data, "--methods", "dm", "--baselines", "random", "--eval-models", "convnet,alexnet",
+                    "--out", str(tmp_path / "x"))
+    assert run.returncode == 0, run.stderr
+    for record in (tmp_path / "x" / "dm-ipc1" / "eval.json", tmp_path / "x" / "random-ipc1.eval.json"):
+        assert set(json.loads(record.read_text())["results"]) == {"convnet", "alexnet"}
+    table = (tmp_path / "x" / "results.md").read_text()
+    assert "| method | IPC | seed | convnet | alexnet |" in table
+    assert sum(line.startswith(("| dm | 1 | 0 | ", "| random | 1 | 0 | ")) and line.count("±") == 2
+               for line in table.splitlines()) == 2
+    bad = run_bench(*data, "--eval-models", "alexnet", "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "lacks the distillation network convnet" in bad.stderr
+    assert not (tmp_path / "y").exists()
+
+
 def test_distill_speed_applies_the_loop_options_to_both_codes(tmp_path):
     out = tmp_path / "rows.json"
     run = subprocess.run([sys.executable, str(BENCH.parent / "distill_speed.py"), "--dataset", "digits", "--ipc", "1",
