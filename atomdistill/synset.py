@@ -175,6 +175,10 @@ class SyntheticSet:
         path = Path(path)
         if path.is_dir():   # a run folder: take its final set
             path = path / "synset.safetensors"
+        if not path.exists() and path.name == "synset.safetensors" and (path.parent / "config.json").exists():
+            run = path.parent   # a run folder whose run is going on or was stopped before its end
+            raise AtomDistillError(f"{run} holds a run that has not finished (no synset.safetensors yet): wait for "
+                                   f"it, or if it was stopped, continue it with `atomdistill distill --resume {run}`")
         if not path.exists():
             raise AtomDistillError(f"no synthetic set at {path}: pass a .safetensors file written by "
                                    "`atomdistill distill` or `atomdistill baseline`, or its run folder")

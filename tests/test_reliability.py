@@ -150,6 +150,13 @@ def test_resuming_with_fewer_iterations_than_done_is_refused_and_changes_nothing
     assert s.config["iterations"] == 3 and s.info["iterations_done"] == 3
 
 
+def test_a_run_folder_without_its_set_yet_says_how_to_finish_it(run, capsys):
+    # "no synthetic set at RUN/synset.safetensors: pass a .safetensors file ..." read as a wrong path.
+    (run / "synset.safetensors").unlink()
+    for command in (["evaluate", run, "--runs", "1", "--epochs", "0"], ["show", run]):
+        refused(capsys, command, "has not finished", f"atomdistill distill --resume {run}")
+
+
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
