@@ -200,7 +200,6 @@ class SyntheticSet:
                    soft_labels=tensors["soft_labels"].to(device) if "soft_labels" in tensors else None)
 
 
-# The files users pass for a set by mistake, told apart by their first bytes.
 # Names that promise another format: torch.load or pickle on a safetensors file fails obscurely.
 OTHER_FORMAT_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".json")
 
@@ -215,6 +214,7 @@ def check_set_name(path: str | os.PathLike) -> None:
             "`atomdistill export SET --format dc --out res.pt`, or ad.export_set(synset, 'dc', 'res.pt'))")
 
 
+# The files users pass for a set by mistake, told apart by their first bytes.
 _OTHER_KINDS = ((b"\x89PNG", "a PNG picture (a set's grid?); pass the .safetensors file beside it"),
                 (b"PK\x03\x04", "a torch/zip file; bring another tool's set in with `atomdistill import FILE "
                                 "--format dc|mtt`"),
