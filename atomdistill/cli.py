@@ -352,6 +352,8 @@ def _evaluate(args, group):
         print(f"made for: {describe_settings(settings)}")
     for advice in settings_advice(settings, args.models):
         print(f"note: {advice}")
+    if protocol.epochs == 0:
+        print("note: --epochs 0 trains nothing: these are untrained networks' accuracies, about chance")
     print(f"record: {out}")
 
 

@@ -157,6 +157,14 @@ def test_a_run_folder_without_its_set_yet_says_how_to_finish_it(run, capsys):
         refused(capsys, command, "has not finished", f"atomdistill distill --resume {run}")
 
 
+def test_evaluating_with_no_epochs_says_the_networks_are_untrained(good_run, tmp_path, capsys):
+    # A chance-level accuracy was printed like any other.
+    assert main(["evaluate", str(good_run), "--runs", "1", "--epochs", "0", "--out", str(tmp_path / "e.json")]) == 0
+    assert "note: --epochs 0 trains nothing" in capsys.readouterr().out
+    assert main(["evaluate", str(good_run), "--runs", "1", "--epochs", "1", "--out", str(tmp_path / "f.json")]) == 0
+    assert "trains nothing" not in capsys.readouterr().out
+
+
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
