@@ -134,8 +134,8 @@ def check_new_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Non
     would be read back as part of this one), unless `overwrite` and it holds nothing but an earlier
     export's files, which atomic_folder then replaces whole. Then check_writable."""
     path = Path(path)
-    here = Path.cwd()
-    if path.resolve() == here or path.resolve() in here.parents:   # renamed aside, it would take the shell's folder
+    here, where = Path.cwd(), path.resolve()
+    if where == here or where in here.parents:   # renamed aside, it would take the shell's folder
         raise AtomDistillError(f"{path} is the current folder or holds it, which an export cannot replace; "
                                "name a new folder inside it, e.g. ./exported")
     if path.is_dir() and any(path.iterdir()):

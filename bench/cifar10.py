@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from atomdistill.evaluate import cpu_name
+from atomdistill.evaluate import cpu_name, format_result
 from atomdistill.runtime import cpu_flags
 
 BUDGETS = {
@@ -215,8 +215,8 @@ def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
 
 def architectures_table(out: Path, args, ipcs: list[int], models: list[str]) -> list[str]:
     """Every evaluated set on every evaluation architecture: mean ± std over its evaluation runs."""
-    lines = ["", "Across architectures (accuracy %, mean ± std over each set's evaluation runs; a run that "
-             "diverged is counted at its accuracy and noted):", "",
+    lines = ["", "Across architectures (accuracy %, mean ± std over each set's evaluation runs, as "
+             "`atomdistill evaluate` prints it, diverged runs named):", "",
              "| method | IPC | seed | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
     for ipc in ipcs:
         for seed in args.seeds:
@@ -225,11 +225,7 @@ def architectures_table(out: Path, args, ipcs: list[int], models: list[str]) -> 
                 if not record.exists():
                     continue
                 results = json.loads(record.read_text())["results"]
-                cells = []
-                for m in models:
-                    r = results.get(m)
-                    cells.append("–" if r is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-                                 + (f" ({r['diverged']} diverged)" if r.get("diverged") else ""))
+                cells = ["–" if m not in results else format_result(results[m]).strip() for m in models]
                 lines.append(f"| {kind} | {ipc} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
