@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 from .data import DATASETS, DEFAULT_DATASET
@@ -299,9 +298,8 @@ def cmd_evaluate(args):
 
 def _evaluate(args, group):
     from .data import load_dataset
-    from .evaluate import evaluate, evaluation_record, format_result, full_training_set
-    from .interop import annotate_record, describe_settings, label_controls, made_for, settings_advice
-    from .io import check_new_file, write_json
+    from .evaluate import full_training_set
+    from .io import FolderLock, check_new_file
     from .synset import SyntheticSet
     data = load_dataset(args.dataset, args.data_root, download=args.download, image_size=args.image_size)
     if args.set == "full":
@@ -315,11 +313,25 @@ def _evaluate(args, group):
     out = Path(args.out) if args.out else default_out
     # before the training, not after it: a record that cannot be written would lose the whole run.
     # An earlier record (.json) is replaced; the set itself or any other file is not.
-    check_out = partial(check_new_file, out, overwrite=None, inputs=[set_file(args.set)], remade=(".json",))
-    if group is None:
-        check_out()
-    else:
-        group.on_main(check_out)
+    # One evaluation writes a record at a time: two would each overwrite the other's finished runs.
+    record_lock = FolderLock.of_file(out, "evaluation record", instead="pass another --out")
+    def check_out():
+        check_new_file(out, overwrite=None, inputs=[set_file(args.set)], remade=(".json",))
+        record_lock.acquire()
+    try:
+        if group is None:
+            check_out()
+        else:
+            group.on_main(check_out)
+        _evaluate_into(args, group, data, synset, protocol, out)
+    finally:
+        record_lock.release()
+
+
+def _evaluate_into(args, group, data, synset, protocol, out):
+    from .evaluate import evaluate, evaluation_record, format_result
+    from .interop import annotate_record, describe_settings, label_controls, made_for, settings_advice
+    from .io import write_json
     # Each finished run is kept beside the record until the record is written: a killed evaluation,
     # run again, continues from there (one process; under torchrun the ranks share the runs instead).
     journal = out.with_name(out.name + ".partial")

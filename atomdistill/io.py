@@ -279,7 +279,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[Path]:
 
 def is_leftover(path: Path) -> bool:
     """A lock file or an interrupted atomic write: not a result, and harmless to ignore."""
-    return path.name == LOCK_NAME or (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX))
+    return path.name.endswith(LOCK_NAME) or (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -326,13 +326,21 @@ class FolderLock:
     It is an flock on `folder/.atomdistill.lock`: the kernel drops it when the process ends in
     any way (kill -9 included), so a stale lock never blocks anyone. The file names the holder
     (pid and host) for the message a second writer gets. On systems without flock (Windows)
-    nothing is locked. Two FolderLocks of one folder exclude each other even in one process."""
+    nothing is locked. Two FolderLocks of one folder exclude each other even in one process.
+    `of_file` locks one file of a folder instead (its lock file is `.NAME.atomdistill.lock`)."""
 
-    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
-        self.folder, self.what = Path(folder), what
-        self.path = self.folder / LOCK_NAME
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", *, lock_name: str = LOCK_NAME,
+                 subject: str | os.PathLike | None = None, instead: str = "choose another folder"):
+        self.folder, self.what, self.instead = Path(folder), what, instead
+        self.path = self.folder / lock_name
+        self.subject = Path(subject) if subject is not None else self.folder   # what the message names
         self._fd: int | None = None
         self._created = False
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike, what: str = "file", instead: str = "choose another name") -> "FolderLock":
+        path = Path(path)
+        return cls(path.parent, what, lock_name=f".{path.name}{LOCK_NAME}", subject=path, instead=instead)
 
     @property
     def held(self) -> bool:
@@ -356,8 +364,8 @@ class FolderLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 raise AtomDistillError(
-                    f"{self.what} {self.folder} is in use by another atomdistill process ({self._holder()}); "
-                    "wait for it to finish, stop it, or choose another folder") from None
+                    f"{self.what} {self.subject} is in use by another atomdistill process ({self._holder()}); "
+                    f"wait for it to finish, stop it, or {self.instead}") from None
             # The holder removes the file when it releases: if that happened between our open
             # and flock, we hold a lock on a removed file; take the new one instead.
             try:

@@ -165,6 +165,18 @@ def test_evaluating_with_no_epochs_says_the_networks_are_untrained(good_run, tmp
     assert "trains nothing" not in capsys.readouterr().out
 
 
+def test_a_record_another_evaluation_is_writing_is_refused(good_run, tmp_path, capsys):
+    # Two evaluations into one record each rewrote the journal of finished runs without the other's.
+    record = tmp_path / "e.json"
+    with FolderLock.of_file(record, "evaluation record"):
+        refused(capsys, ["evaluate", good_run, "--runs", "1", "--epochs", "0", "--out", record],
+                f"evaluation record {record} is in use by another atomdistill process (pid {os.getpid()} on",
+                "pass another --out")
+        assert not record.exists() and not (tmp_path / "e.json.partial").exists()
+    assert main(["evaluate", str(good_run), "--runs", "1", "--epochs", "0", "--out", str(record)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]   # the lock file went with the lock
+
+
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
 @pytest.mark.parametrize("option", ["--lr=nan", "--lr=inf", "--lr=-1", "--momentum=nan", "--channel=inf", "--mmd=nan",
                                     "--scale=-inf", "--power=nan", "--checkpoint-every=0", "--log-every=0",
@@ -305,7 +317,8 @@ def test_kill_9_during_an_evaluation_then_the_same_command_continues_it(run, tmp
     kept = json.loads(journal.read_text())["runs"]
     assert 1 <= sum(len(runs) for by_model in kept.values() for runs in by_model.values()) < 4
     assert not (run / "eval.json").exists()
-    assert main(args) == 0 and not journal.exists()
+    assert main(args) == 0 and not journal.exists()   # the dead process's record lock does not stand in the way
+    assert not (run / ".eval.json.atomdistill.lock").exists()
     assert main([*args, "--out", str(tmp_path / "straight.json")]) == 0
     resumed, straight = (json.loads(p.read_text())["results"]["convnet"]["accs"]
                          for p in (run / "eval.json", tmp_path / "straight.json"))
