@@ -307,9 +307,11 @@ class ConvNet(_FeatureNet):
         if norm == "group" and width % 4:
             raise ConfigError(f"ConvNet norm 'group' uses 4 groups, so width must be a multiple of 4; got {width}.")
         if pool != "none" and image_size >> depth < 1:
+            fits = image_size.bit_length() - 1   # the deepest ConvNet whose pooling these images survive
             raise ConfigError(
-                f"ConvNet depth {depth} pools {image_size}px images below 1 pixel; "
-                f"use depth <= {image_size.bit_length() - 1} or pool='none'."
+                f"ConvNet depth {depth} pools {image_size}px images below 1 pixel; use images of at least "
+                f"{1 << depth}px" + (f", depth <= {fits} (model convnet-d{fits})" if fits else "")
+                + " or pool='none' (model convnet-nopool)."
             )
 
         size, c_in, blocks = image_size, channels, []

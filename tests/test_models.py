@@ -295,3 +295,11 @@ def test_pool2x2_equals_the_library_pooling(mode, shape):
     (gx,) = torch.autograd.grad(out, x, g)
     (gref,) = torch.autograd.grad(ref, x, g)
     assert torch.allclose(gx, gref, atol=1e-6)
+
+
+def test_images_too_small_for_the_pooling_name_the_models_that_fit():
+    # The message spoke of depth and pool arguments, which a CLI user sets by model name.
+    with pytest.raises(ConfigError, match=r"at least 8px, depth <= 2 \(model convnet-d2\) or .*convnet-nopool"):
+        build_model("convnet", 3, 10, 7)
+    for name in ("convnet-d2", "convnet-nopool"):   # what it names does build
+        assert build_model(name, 3, 10, 7)(torch.zeros(1, 3, 7, 7)).shape == (1, 10)
