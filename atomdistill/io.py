@@ -335,7 +335,7 @@ class FolderLock:
         self.path = self.folder / lock_name
         self.subject = Path(subject) if subject is not None else self.folder   # what the message names
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []   # folders acquire() made, deepest first
 
     @classmethod
     def of_file(cls, path: str | os.PathLike, what: str = "file", instead: str = "choose another name") -> "FolderLock":
@@ -350,7 +350,7 @@ class FolderLock:
         if self._fd is not None or fcntl is None:
             return self
         check_writable(self.folder, folder=True)
-        self._created = not self.folder.exists()
+        self._created = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -395,11 +395,12 @@ class FolderLock:
             pass
         os.close(self._fd)
         self._fd = None
-        if self._created:   # a folder made only to hold the lock goes again if nothing was written in it
+        for folder in self._created:   # folders made only to hold the lock go again if nothing was written in them
             try:
-                self.folder.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                break
+        self._created = []
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

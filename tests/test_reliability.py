@@ -175,6 +175,9 @@ def test_a_record_another_evaluation_is_writing_is_refused(good_run, tmp_path, c
         assert not record.exists() and not (tmp_path / "e.json.partial").exists()
     assert main(["evaluate", str(good_run), "--runs", "1", "--epochs", "0", "--out", str(record)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]   # the lock file went with the lock
+    # a refused evaluation into new folders leaves none of them behind
+    refused(capsys, ["evaluate", good_run, "--models", "nope", "--out", tmp_path / "x" / "y" / "e.json"], "nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json"]
 
 
 # ---- 2. non-finite options and diverging runs ----------------------------------------------------
