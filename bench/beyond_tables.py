@@ -47,6 +47,7 @@ EFFECTS = [
     (10, "`--factor 2`", FACTOR, "", "–"),
     (10, "`--mmd-kernel gaussian`", KERNEL, "", "–"),
     (10, "pool", POOL, "", "–"),
+    (10, "kernel + pool", f"{KERNEL} {POOL}", KERNEL, "`--mmd-kernel gaussian`"),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}", FACTOR, "`--factor 2`"),
     (10, "`--factor 2` + pool", f"{FACTOR} {POOL}", FACTOR, "`--factor 2`"),
     (10, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", f"{FACTOR} {KERNEL}", "`--factor 2` + kernel"),
@@ -56,7 +57,8 @@ EFFECTS = [
 SAME_OPTIONS = [
     (1, "–", ""), (1, "`--mmd-kernel gaussian`", KERNEL), (1, "pool", POOL), (1, "`--factor 2`", FACTOR),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"), (1, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
-    (10, "–", ""), (10, "`--mmd-kernel gaussian`", KERNEL), (10, "pool", POOL), (10, "`--factor 2`", FACTOR),
+    (10, "–", ""), (10, "`--mmd-kernel gaussian`", KERNEL), (10, "pool", POOL), (10, "kernel + pool", f"{KERNEL} {POOL}"),
+    (10, "`--factor 2`", FACTOR),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"),
     (10, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
 ]
