@@ -511,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
     tune_cpu_allocator()
     if args.command is None:
-        parser.print_help()
-        return 0
+        # No command is a usage error (exit 2, as argparse and click give), so a script that forgot it stops.
+        parser.print_help(sys.stderr)
+        return 2
     try:
         COMMANDS[args.command](args)
     except AtomDistillError as e:

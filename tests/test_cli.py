@@ -21,6 +21,12 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+def test_no_command_prints_the_commands_and_fails():
+    out = run_cli()
+    assert out.returncode == 2 and out.stdout == ""
+    assert "distill" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_data_describes_a_cifar_folder(tmp_path, capsys):
     write_cifar10(tmp_path)
     assert main(["data", "cifar10", "--data-root", str(tmp_path)]) == 0
