@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import AtomDistillError
+from .evaluate import EvalProtocol
 from .interop import describe_settings
 from .io import atomic_path
 
@@ -119,11 +120,17 @@ def _distinct(values) -> list[str]:
 
 
 def _protocol_str(p: dict) -> str:
+    """Everything that makes accuracies comparable or not: runs x epochs, DSA, and any training setting
+    away from the default protocol (the evaluation seed is left out: seeds are repeats, not protocols)."""
     if not p:
         return "unknown"
     s = f"{p.get('runs', '?')} runs x {p.get('epochs', '?')} epochs"
     if p.get("dsa"):
         s += f", DSA {p['dsa']}"
+    default = EvalProtocol()
+    for name in ("lr", "momentum", "weight_decay", "batch_size", "precision"):
+        if name in p and p[name] != getattr(default, name):
+            s += f", {name} {p[name]}"
     return s
 
 
@@ -135,29 +142,43 @@ def _hardware_str(h: dict) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """Markdown: one table per dataset (sorted by name), then notes on duplicates, protocol and hardware."""
+    """Markdown: one table per dataset (sorted by name), then notes on duplicates, protocol and hardware.
+
+    Accuracies under different evaluation protocols (runs x epochs, DSA, ...) are not comparable, so
+    a dataset whose records used several gets one table per protocol, each headed by it."""
     if not records:
         raise AtomDistillError("no evaluation records to tabulate")
-    table, dups = _collect(records)
+    groups: dict[tuple[str, str], list[dict]] = {}   # (dataset, protocol) -> records, in the order given
+    for rec in records:
+        groups.setdefault((str(rec["set"]["dataset"]), _protocol_str(rec.get("protocol") or {})), []).append(rec)
     lines: list[str] = []
-    for ds in sorted(table):
-        cells = table[ds]
-        models = _models_in_order(records, ds)
-        ipcs = sorted({ipc for (_, ipc, _) in cells if ipc is not None})
-        # Only (IPC, model) pairs some record has: an all-dash column says nothing.
-        present = {(ipc, m) for (_, ipc, m) in cells}
-        columns = [(ipc, m) for ipc in ipcs for m in models if (ipc, m) in present]
-        columns += [(None, m) for m in models if (None, m) in present]
-        header = ["method"] + [f"IPC {ipc} {m}" if ipc is not None else f"whole set {m}" for ipc, m in columns]
-        methods = sorted({meth for (meth, _, _) in cells}, key=_method_key)
-        lines += [f"### {ds}", "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
-        for meth in methods:
-            row = [meth] + [_cell(cells.get((meth, ipc, m))) for ipc, m in columns]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+    dups: dict = {}
+    diverged = False
+    for ds in sorted({ds for ds, _ in groups}):
+        protocols = [p for d, p in groups if d == ds]
+        for protocol in protocols:
+            group = groups[(ds, protocol)]
+            table, group_dups = _collect(group)
+            cells = table[ds]
+            dups.update(group_dups)
+            diverged |= any(r.get("diverged") for r in cells.values())
+            models = _models_in_order(group, ds)
+            ipcs = sorted({ipc for (_, ipc, _) in cells if ipc is not None})
+            # Only (IPC, model) pairs some record has: an all-dash column says nothing.
+            present = {(ipc, m) for (_, ipc, m) in cells}
+            columns = [(ipc, m) for ipc in ipcs for m in models if (ipc, m) in present]
+            columns += [(None, m) for m in models if (None, m) in present]
+            header = ["method"] + [f"IPC {ipc} {m}" if ipc is not None else f"whole set {m}" for ipc, m in columns]
+            methods = sorted({meth for (meth, _, _) in cells}, key=_method_key)
+            title = f"### {ds}" + (f", evaluated with {protocol}" if len(protocols) > 1 else "")
+            lines += [title, "", "| " + " | ".join(header) + " |",
+                      "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
+            for meth in methods:
+                row = [meth] + [_cell(cells.get((meth, ipc, m))) for ipc, m in columns]
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
     lines.append("Test accuracy in %, mean ± std over evaluation runs (runs whose training diverged are left "
-                 "out and counted)." if any(r.get("diverged") for t in table.values() for r in t.values())
+                 "out and counted)." if diverged
                  else "Test accuracy in %, mean ± std over evaluation runs.")
     if dups:
         keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m} "

@@ -51,14 +51,26 @@ def test_load_records_files_and_run_folder(paths):
     assert recs[-1]["_path"].endswith("eval.json")
 
 
-def test_table_cells_columns_and_row_order(paths):
+def test_table_cells_columns_and_row_order(tmp_path, paths):
     md = markdown_table(load_records(paths))
-    assert "### cifar10" in md
+    # herding was evaluated with 5 runs x 100 epochs: its own table, not a row beside 3 x 300 figures
+    titles = [line for line in md.splitlines() if line.startswith("### ")]
+    assert titles == ["### cifar10, evaluated with 3 runs x 300 epochs, DSA color_crop_cutout_flip_scale_rotate",
+                      "### cifar10, evaluated with 5 runs x 100 epochs, DSA color_crop_cutout_flip_scale_rotate"]
+    second = md[md.index(titles[1]):]
+    assert [r.split("|")[1].strip() for r in rows(second)] == ["herding"]
+    # another evaluation seed is a repeat of the protocol, another learning rate is not
+    reseeded, slower = tmp_path / "reseeded.json", tmp_path / "slower.json"
+    reseeded.write_text(json.dumps(record("dm", 1, {"convnet": (0.25, 0.01)}, protocol={**PROTOCOL, "seed": 1})))
+    slower.write_text(json.dumps(record("dm", 1, {"convnet": (0.2, 0.01)}, protocol={**PROTOCOL, "lr": 0.001})))
+    more = markdown_table(load_records(paths + [str(reseeded), str(slower)]))
+    assert [line for line in more.splitlines() if line.startswith("### ")] == titles + [titles[0] + ", lr 0.001"]
+    assert next(line for line in second.splitlines() if line.startswith("| method")) == "| method | IPC 1 convnet |"
     header = next(line for line in md.splitlines() if line.startswith("| method"))
     # no "IPC 1 resnet18" column: no record has that pair
     assert header == "| method | IPC 1 convnet | IPC 10 convnet | IPC 10 resnet18 | whole set convnet |"
     names = [r.split("|")[1].strip() for r in rows(md)]
-    assert names == ["full", "random", "herding", "dm", "atom", "zzz"]
+    assert names == ["full", "random", "dm", "atom", "zzz", "herding"]
     cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows(md)}
     assert cells["atom"] == ["—", "66.1 ± 0.4", "50.0 ± 1.0", "—"]
     assert cells["random"][0] == "14.3 ± 0.2"
@@ -82,7 +94,7 @@ def test_one_table_per_dataset(tmp_path, paths):
     other = tmp_path / "c100.json"
     other.write_text(json.dumps(record("atom", 50, {"convnet": (0.5, 0.003)}, dataset="cifar100")))
     md = markdown_table(load_records(paths + [str(other)]))
-    assert md.index("### cifar10\n") < md.index("### cifar100")
+    assert md.index("### cifar10,") < md.index("### cifar100\n")
     c100 = md[md.index("### cifar100"):]
     assert "| method | IPC 50 convnet |" in c100 and "whole set" not in c100.split("\n\n")[1]
 
