@@ -338,7 +338,9 @@ def evaluation_record(synset: SyntheticSet, results: dict, protocol: EvalProtoco
         "set": {"path": None if path is None else str(path), "dataset": synset.dataset, "method": synset.method,
                 "ipc": None if is_full else synset.ipc, "num_classes": synset.num_classes,
                 "iterations": None if iterations is None else int(iterations),
-                "seed": synset.config.get("seed"), "factor": synset.factor},
+                "seed": synset.config.get("seed"), "factor": synset.factor,
+                # how the set was made, so that a report tells sets made with other options apart
+                "config": dict(synset.config)},
         "protocol": EvalProtocol.of(protocol).to_dict(),
         "results": {m: _record_result(r) for m, r in results.items()},
         "hardware": hardware(resolve_device(device or "auto")),

@@ -79,23 +79,76 @@ def _cell(result: dict | None) -> str:
     return text + (f" ({diverged} of {runs} runs diverged)" if diverged else "")
 
 
-def _rows(rec: dict):
+# Config fields that do not shape the set (how the run was executed) or that a row already shows.
+# The distillation seed is left out too: seeds are repeats of one recipe, not recipes.
+NOT_RECIPE = {"data_root", "device", "real_chunk", "checkpoint_every", "log_every", "eval_every", "eval_models",
+              "eval_runs", "eval_epochs", "dataset", "method", "ipc", "factor", "seed"}
+
+
+def _recipe(rec: dict) -> dict | None:
+    """How a record's set was made (its distillation config less NOT_RECIPE), or None when the record
+    does not say (records written before they carried the config)."""
+    config = rec["set"].get("config")
+    if not isinstance(config, dict) or not config:   # an imported set's config can be empty: unknown too
+        return None
+    recipe = {k: v for k, v in config.items() if k not in NOT_RECIPE}
+    if rec["set"].get("iterations") is not None:   # the iterations done, where a run stopped early
+        recipe["iterations"] = rec["set"]["iterations"]
+    if recipe.get("nets") != "pool":   # the pool's settings mean nothing without the pool
+        recipe = {k: v for k, v in recipe.items() if not k.startswith("pool_")}
+    return recipe
+
+
+def _variants(records: list[dict]) -> dict[int, str]:
+    """id(record) -> what tells its set apart from other sets of its dataset, method and factor (e.g.
+    "mmd-kernel gaussian" against "mmd-kernel default", "iterations 1000" against "iterations 200"), so
+    that sets made with other options are rows of their own, not duplicates of one row."""
+    same_row: dict[tuple, list[dict]] = {}
+    for rec in records:
+        key = (str(rec["set"]["dataset"]), str(rec["set"]["method"]), int(rec["set"].get("factor") or 1))
+        same_row.setdefault(key, []).append(rec)
+    labels = {}
+    for recs in same_row.values():
+        recipes = [(rec, _recipe(rec)) for rec in recs]
+        known = [recipe for _, recipe in recipes if recipe is not None]
+        fields = list(dict.fromkeys(k for recipe in known for k in recipe))
+        # Compared where present: a pool setting only among pool sets, a newer option only among newer configs.
+        varying = [k for k in fields if len({json.dumps(recipe[k], sort_keys=True) for recipe in known if k in recipe}) > 1]
+        for rec, recipe in recipes:
+            if recipe is not None and varying:
+                labels[id(rec)] = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}" for k in varying if k in recipe)
+    return labels
+
+
+def _value(v) -> str:
+    if v is None:
+        return "default"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _rows(rec: dict, variant: str = ""):
     """(method, results) of a record: its set, then its label controls (soft-label sets), each a row."""
     factor = int(rec["set"].get("factor") or 1)
-    suffix = f" (factor {factor})" if factor > 1 else ""   # a multi-formation set: its own row, at its stored IPC
+    # A multi-formation set, or one made with other options, is a row of its own (at its stored IPC).
+    notes = ([f"factor {factor}"] if factor > 1 else []) + ([variant] if variant else [])
+    suffix = f" ({', '.join(notes)})" if notes else ""
     yield str(rec["set"]["method"]) + suffix, rec["results"]
     for control in rec.get("controls") or []:
         yield str(control["method"]) + suffix, control["results"]
 
 
-def _collect(records: list[dict]):
-    """{dataset: {(method, ipc|None, model): result}} keeping the last record per key; duplicates list."""
+def _collect(records: list[dict], variants: dict[int, str] | None = None):
+    """{dataset: {(method, ipc|None, model): result}} keeping the last record per key; duplicates list.
+    `variants`: _variants() of all the records a report shows (by default, of these)."""
+    variants = _variants(records) if variants is None else variants
     table: dict[str, dict] = {}
     sources: dict[tuple, list[str]] = {}
     for rec in records:
         ds = str(rec["set"]["dataset"])
         ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
-        for method, results in _rows(rec):
+        for method, results in _rows(rec, variants.get(id(rec), "")):
             for model, result in results.items():
                 table.setdefault(ds, {})[(method, ipc, model)] = result
                 sources.setdefault((ds, method, ipc, model), []).append(rec.get("_path", "?"))
@@ -151,6 +204,7 @@ def markdown_table(records: list[dict]) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}   # (dataset, protocol) -> records, in the order given
     for rec in records:
         groups.setdefault((str(rec["set"]["dataset"]), _protocol_str(rec.get("protocol") or {})), []).append(rec)
+    variants = _variants(records)
     lines: list[str] = []
     dups: dict = {}
     diverged = False
@@ -158,7 +212,7 @@ def markdown_table(records: list[dict]) -> str:
         protocols = [p for d, p in groups if d == ds]
         for protocol in protocols:
             group = groups[(ds, protocol)]
-            table, group_dups = _collect(group)
+            table, group_dups = _collect(group, variants)
             cells = table[ds]
             dups.update(group_dups)
             diverged |= any(r.get("diverged") for r in cells.values())

@@ -179,6 +179,7 @@ def test_full_training_set_and_record(data, tmp_path):
     rec = evaluation_record(as_set(data, config={"seed": 7, "iterations": 100}), results, {}, path="x.safetensors")
     assert rec["set"]["ipc"] == 8 and rec["set"]["iterations"] == 100 and rec["set"]["seed"] == 7
     assert rec["set"]["path"] == "x.safetensors" and rec["set"]["num_classes"] == 3
+    assert rec["set"]["config"] == {"seed": 7, "iterations": 100}   # how it was made, for `report`'s rows
 
 
 def test_one_protocol_everywhere(data, tmp_path):

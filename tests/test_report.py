@@ -10,9 +10,10 @@ PROTOCOL = {"runs": 3, "epochs": 300, "lr": 0.01, "momentum": 0.9, "weight_decay
 HARDWARE = {"device": "cpu", "cpu": "AMD EPYC", "threads": 2, "torch": "2.14.1"}
 
 
-def record(method, ipc, results, dataset="cifar10", protocol=PROTOCOL, hardware=HARDWARE):
+def record(method, ipc, results, dataset="cifar10", protocol=PROTOCOL, hardware=HARDWARE, config=None):
     return {"set": {"path": None, "dataset": dataset, "method": method, "ipc": ipc, "num_classes": 10,
-                    "iterations": None, "seed": 0},
+                    "iterations": None if config is None else config["iterations"], "seed": 0,
+                    **({} if config is None else {"config": config})},
             "protocol": dict(protocol),
             "results": {m: {"mean": mean, "std": std, "accs": [mean], "seconds": 1.0}
                         for m, (mean, std) in results.items()},
@@ -88,6 +89,28 @@ def test_duplicates_keep_last_and_are_noted(tmp_path, paths):
     atom = next(r for r in rows(md) if r.startswith("| atom"))
     assert "70.0 ± 0.2" in atom and "66.1" not in atom
     assert "Duplicates" in md and "atom10_again.json" in md
+
+
+def test_sets_made_with_other_options_are_rows_of_their_own(tmp_path):
+    """Sets of one method made with other options (a kernel, more iterations) are separate rows named by
+    what differs; another distillation seed of the same options is a repeat (a duplicate), not a row."""
+    base = {"dataset": "cifar10", "data_root": "data", "method": "dm", "ipc": 10, "iterations": 200, "seed": 0,
+            "device": "auto", "mmd_kernel": None, "nets": "random", "pool_steps": 10, "factor": 1}
+    configs = {"plain.json": base, "seed1.json": {**base, "seed": 1, "device": "cpu", "data_root": "/data"},
+               "kernel.json": {**base, "mmd_kernel": "gaussian"},
+               "long.json": {**base, "mmd_kernel": "gaussian", "iterations": 1000},
+               "pool.json": {**base, "nets": "pool", "pool_steps": 2}}
+    paths = []
+    for i, (name, config) in enumerate(configs.items()):
+        (tmp_path / name).write_text(json.dumps(record("dm", 10, {"convnet": (0.40 + i / 100, 0.01)}, config=config)))
+        paths.append(str(tmp_path / name))
+    md = markdown_table(load_records(paths))
+    cells = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in rows(md)}
+    assert cells == {"dm (iterations 200, mmd-kernel default, nets random)": "41.0 ± 1.0",   # seed 1, the last
+                     "dm (iterations 200, mmd-kernel gaussian, nets random)": "42.0 ± 1.0",
+                     "dm (iterations 1000, mmd-kernel gaussian, nets random)": "43.0 ± 1.0",
+                     "dm (iterations 200, mmd-kernel default, nets pool)": "44.0 ± 1.0"}
+    assert "Duplicates" in md and "seed1.json" in md and "kernel.json" not in md
 
 
 def test_one_table_per_dataset(tmp_path, paths):
