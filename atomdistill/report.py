@@ -275,7 +275,12 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     width = 0.8 / max(len(methods), 1)
     fig_w = max(5.0, 1.5 + 0.3 * len(groups) * len(methods))
-    fig, axes = plt.subplots(len(models), 1, figsize=(fig_w, 3.4 * len(models)), squeeze=False)
+    # Long row names (sets made with other options): one legend for the figure, beside the plots.
+    beside = max(map(len, methods)) > 24
+    if beside:
+        fig_w += 0.07 * max(map(len, methods))
+    fig, axes = plt.subplots(len(models), 1, figsize=(fig_w, 3.4 * len(models)), squeeze=False,
+                             layout="constrained" if beside else "tight")
     for ax, model in zip(axes[:, 0], models):
         labelled, top = set(), 1.0
         for gi, (ds, ipc) in enumerate(groups):
@@ -297,10 +302,12 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
         ax.grid(axis="y", alpha=0.3)
         handles, names = ax.get_legend_handles_labels()
         order = sorted(range(len(names)), key=lambda i: _method_key(names[i]))   # table row order
-        if handles:
+        if handles and not beside:
             ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize="small",
                       ncol=min(len(methods), 4))
-    fig.tight_layout()
+    if beside:
+        from matplotlib.patches import Patch
+        fig.legend([Patch(color=colours[m]) for m in methods], methods, loc="outside right upper", fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
