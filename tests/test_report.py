@@ -111,6 +111,8 @@ def test_sets_made_with_other_options_are_rows_of_their_own(tmp_path):
                      "dm (iterations 1000, mmd-kernel gaussian, nets random)": "43.0 ± 1.0",
                      "dm (iterations 200, mmd-kernel default, nets pool)": "44.0 ± 1.0"}
     assert "Duplicates" in md and "seed1.json" in md and "kernel.json" not in md
+    plot_records(load_records(paths), tmp_path / "fig.png")   # names this long: one legend beside the plot
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_table_per_dataset(tmp_path, paths):
