@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 from .errors import AtomDistillError
@@ -72,6 +73,13 @@ def _method_key(method: str):
 def _cell(result: dict | None) -> str:
     if result is None:
         return DASH
+    if "seeds" in result:   # several distillation seeds (_over_seeds)
+        n, lost = result["seeds"], result["diverged_seeds"]
+        if result["mean"] is None:
+            return f"diverged ({n} of {n} seeds)"
+        text = f"{100 * result['mean']:.1f}" + ("" if result["std"] is None else f" ± {100 * result['std']:.1f}")
+        text += f" ({n} seeds"
+        return text + (f", {lost} diverged)" if lost else ")")
     diverged, runs = result.get("diverged") or 0, len(result.get("accs") or [])
     if result["mean"] is None:   # every run diverged: there is no accuracy to show
         return f"diverged ({runs} of {runs} runs)" if runs else "diverged"
@@ -140,20 +148,36 @@ def _rows(rec: dict, variant: str = ""):
 
 
 def _collect(records: list[dict], variants: dict[int, str] | None = None):
-    """{dataset: {(method, ipc|None, model): result}} keeping the last record per key; duplicates list.
+    """{dataset: {(method, ipc|None, model): result}}; duplicates {(dataset, method, ipc, model, seed): paths}.
+
+    Records of one row and column from several distillation seeds make one cell, the mean ± std over
+    the seeds' means (_over_seeds); a seed given twice is a duplicate, and its last record counts.
     `variants`: _variants() of all the records a report shows (by default, of these)."""
     variants = _variants(records) if variants is None else variants
-    table: dict[str, dict] = {}
+    by_seed: dict[str, dict] = {}
     sources: dict[tuple, list[str]] = {}
     for rec in records:
-        ds = str(rec["set"]["dataset"])
+        # A record that does not say how its set was made (written before records carried the config)
+        # cannot be told from another recipe's: it is never averaged, the last such record counts.
+        ds, seed = str(rec["set"]["dataset"]), rec["set"].get("seed") if _recipe(rec) is not None else None
         ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
         for method, results in _rows(rec, variants.get(id(rec), "")):
             for model, result in results.items():
-                table.setdefault(ds, {})[(method, ipc, model)] = result
-                sources.setdefault((ds, method, ipc, model), []).append(rec.get("_path", "?"))
+                by_seed.setdefault(ds, {}).setdefault((method, ipc, model), {})[seed] = result
+                sources.setdefault((ds, method, ipc, model, seed), []).append(rec.get("_path", "?"))
+    table = {ds: {key: (next(iter(seeds.values())) if len(seeds) == 1 else _over_seeds(list(seeds.values())))
+                  for key, seeds in cells.items()} for ds, cells in by_seed.items()}
     dups = {k: v for k, v in sources.items() if len(v) > 1}
     return table, dups
+
+
+def _over_seeds(results: list[dict]) -> dict:
+    """One cell from several distillation seeds: the mean and the sample std of the seeds' means (as
+    the README's tables give them); a seed whose every evaluation run diverged is left out and counted."""
+    means = [r["mean"] for r in results if r["mean"] is not None]
+    return {"mean": statistics.mean(means) if means else None,
+            "std": statistics.stdev(means) if len(means) > 1 else None,   # None: one mean has no spread
+            "seeds": len(results), "diverged_seeds": len(results) - len(means)}
 
 
 def _models_in_order(records: list[dict], dataset: str | None = None) -> list[str]:
@@ -207,7 +231,7 @@ def markdown_table(records: list[dict]) -> str:
     variants = _variants(records)
     lines: list[str] = []
     dups: dict = {}
-    diverged = False
+    diverged = several_seeds = False
     for ds in sorted({ds for ds, _ in groups}):
         protocols = [p for d, p in groups if d == ds]
         for protocol in protocols:
@@ -216,6 +240,7 @@ def markdown_table(records: list[dict]) -> str:
             cells = table[ds]
             dups.update(group_dups)
             diverged |= any(r.get("diverged") for r in cells.values())
+            several_seeds |= any("seeds" in r for r in cells.values())
             models = _models_in_order(group, ds)
             ipcs = sorted({ipc for (_, ipc, _) in cells if ipc is not None})
             # Only (IPC, model) pairs some record has: an all-dash column says nothing.
@@ -234,10 +259,14 @@ def markdown_table(records: list[dict]) -> str:
     lines.append("Test accuracy in %, mean ± std over evaluation runs (runs whose training diverged are left "
                  "out and counted)." if diverged
                  else "Test accuracy in %, mean ± std over evaluation runs.")
+    if several_seeds:
+        lines.append("A cell marked (n seeds) holds n distillation seeds' sets: the mean ± std (sample std) of "
+                     "their means.")
     if dups:
-        keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m} "
-                         f"({len(src)} records, shown: {src[-1]})" for (ds, meth, ipc, m), src in dups.items())
-        lines.append(f"Duplicates: several records for the same cell, the last one given is shown: {keys}.")
+        keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m}"
+                         + ("" if seed is None else f" seed {seed}") + f" ({len(src)} records, counted: {src[-1]})"
+                         for (ds, meth, ipc, m, seed), src in dups.items())
+        lines.append(f"Duplicates: several records for the same cell and seed, the last one given counts: {keys}.")
     made_for = _distinct(f"{r['set']['method']}: {describe_settings(r['set']['made_for'])}"
                          for r in records if r["set"].get("made_for"))
     if made_for:
@@ -289,10 +318,10 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
             for bi, meth in enumerate(present):
                 r = table[ds][(meth, ipc, model)]
                 x = gi - 0.4 + width * (bi + 0.5) + (len(methods) - len(present)) * width / 2
-                ax.bar(x, 100 * r["mean"], width, yerr=100 * r["std"], capsize=2, color=colours[meth],
+                ax.bar(x, 100 * r["mean"], width, yerr=100 * (r["std"] or 0), capsize=2, color=colours[meth],
                        label=meth if meth not in labelled else None)
                 labelled.add(meth)
-                top = max(top, 100 * (r["mean"] + r["std"]))
+                top = max(top, 100 * (r["mean"] + (r["std"] or 0)))
         ax.set_ylim(0, top * 1.25)   # head room for the legend
         ax.set_xlim(-0.5, len(groups) - 0.5)   # same groups in every subplot, even if one is empty
         ax.set_xticks(range(len(groups)))

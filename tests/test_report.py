@@ -12,7 +12,8 @@ HARDWARE = {"device": "cpu", "cpu": "AMD EPYC", "threads": 2, "torch": "2.14.1"}
 
 def record(method, ipc, results, dataset="cifar10", protocol=PROTOCOL, hardware=HARDWARE, config=None):
     return {"set": {"path": None, "dataset": dataset, "method": method, "ipc": ipc, "num_classes": 10,
-                    "iterations": None if config is None else config["iterations"], "seed": 0,
+                    "iterations": None if config is None else config["iterations"],
+                    "seed": 0 if config is None else config["seed"],
                     **({} if config is None else {"config": config})},
             "protocol": dict(protocol),
             "results": {m: {"mean": mean, "std": std, "accs": [mean], "seconds": 1.0}
@@ -93,26 +94,53 @@ def test_duplicates_keep_last_and_are_noted(tmp_path, paths):
 
 def test_sets_made_with_other_options_are_rows_of_their_own(tmp_path):
     """Sets of one method made with other options (a kernel, more iterations) are separate rows named by
-    what differs; another distillation seed of the same options is a repeat (a duplicate), not a row."""
+    what differs; other distillation seeds of the same options make one cell (mean ± std over the seeds'
+    means), and a seed given twice is a duplicate whose last record counts."""
     base = {"dataset": "cifar10", "data_root": "data", "method": "dm", "ipc": 10, "iterations": 200, "seed": 0,
             "device": "auto", "mmd_kernel": None, "nets": "random", "pool_steps": 10, "factor": 1}
     configs = {"plain.json": base, "seed1.json": {**base, "seed": 1, "device": "cpu", "data_root": "/data"},
                "kernel.json": {**base, "mmd_kernel": "gaussian"},
                "long.json": {**base, "mmd_kernel": "gaussian", "iterations": 1000},
-               "pool.json": {**base, "nets": "pool", "pool_steps": 2}}
+               "pool.json": {**base, "nets": "pool", "pool_steps": 2},
+               "seed2.json": {**base, "seed": 2}, "seed2_again.json": {**base, "seed": 2}}
     paths = []
     for i, (name, config) in enumerate(configs.items()):
         (tmp_path / name).write_text(json.dumps(record("dm", 10, {"convnet": (0.40 + i / 100, 0.01)}, config=config)))
         paths.append(str(tmp_path / name))
     md = markdown_table(load_records(paths))
     cells = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in rows(md)}
-    assert cells == {"dm (iterations 200, mmd-kernel default, nets random)": "41.0 ± 1.0",   # seed 1, the last
+    # seeds 0, 1, 2 at 40, 41 and 46 (seed2_again's, the last given): mean 42.33, sample std 3.21
+    assert cells == {"dm (iterations 200, mmd-kernel default, nets random)": "42.3 ± 3.2 (3 seeds)",
                      "dm (iterations 200, mmd-kernel gaussian, nets random)": "42.0 ± 1.0",
                      "dm (iterations 1000, mmd-kernel gaussian, nets random)": "43.0 ± 1.0",
                      "dm (iterations 200, mmd-kernel default, nets pool)": "44.0 ± 1.0"}
-    assert "Duplicates" in md and "seed1.json" in md and "kernel.json" not in md
+    assert "(n seeds)" in md and "seed 2 (2 records, counted: " in md and "seed2_again.json" in md
+    assert "seed 1 (" not in md
     plot_records(load_records(paths), tmp_path / "fig.png")   # names this long: one legend beside the plot
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_seed_whose_runs_all_diverged_is_counted_not_averaged(tmp_path):
+    paths = []
+    for seed, mean in ((0, 0.3), (1, None)):
+        rec = record("dm", 1, {"convnet": (mean, None if mean is None else 0.01)},
+                     config={"method": "dm", "iterations": 10, "seed": seed})
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(rec))
+        paths.append(str(tmp_path / f"s{seed}.json"))
+    md = markdown_table(load_records(paths))
+    assert rows(md) == ["| dm | 30.0 (2 seeds, 1 diverged) |"]
+    plot_records(load_records(paths), tmp_path / "fig.png")
+
+
+def test_records_that_do_not_say_how_their_set_was_made_are_never_averaged(tmp_path):
+    paths = []
+    for seed, mean in ((0, 0.3), (1, 0.5)):
+        rec = record("dm", 1, {"convnet": (mean, 0.01)})
+        rec["set"]["seed"] = seed   # seeds, but no config: perhaps other options, so not one recipe's seeds
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(rec))
+        paths.append(str(tmp_path / f"s{seed}.json"))
+    md = markdown_table(load_records(paths))
+    assert rows(md) == ["| dm | 50.0 ± 1.0 |"] and "Duplicates" in md and "s1.json" in md
 
 
 def test_one_table_per_dataset(tmp_path, paths):
