@@ -57,6 +57,7 @@ EFFECTS = [
 SAME_OPTIONS = [
     (1, "–", ""), (1, "`--mmd-kernel gaussian`", KERNEL), (1, "pool", POOL), (1, "`--factor 2`", FACTOR),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"), (1, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
+    (1, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}"),
     (10, "–", ""), (10, "`--mmd-kernel gaussian`", KERNEL), (10, "pool", POOL), (10, "kernel + pool", f"{KERNEL} {POOL}"),
     (10, "`--factor 2`", FACTOR),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"),
