@@ -67,7 +67,9 @@ def _is_whole(rec: dict) -> bool:
 
 
 def _method_key(method: str):
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    """Row order: the reference, the baselines, the methods (a method's variants, "dm (factor 2)", after it)."""
+    base = method.split(" (")[0]
+    return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
 def _cell(result: dict | None) -> str:
@@ -123,7 +125,9 @@ def _variants(records: list[dict]) -> dict[int, str]:
         # Compared where present: a pool setting only among pool sets, a newer option only among newer configs.
         varying = [k for k in fields if len({json.dumps(recipe[k], sort_keys=True) for recipe in known if k in recipe}) > 1]
         for rec, recipe in recipes:
-            if recipe is not None and varying:
+            if recipe is None and known:   # an older record beside newer ones: never one of their seeds
+                labels[id(rec)] = "options not recorded"
+            elif recipe is not None and varying:
                 labels[id(rec)] = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}" for k in varying if k in recipe)
     return labels
 

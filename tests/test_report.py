@@ -141,6 +141,10 @@ def test_records_that_do_not_say_how_their_set_was_made_are_never_averaged(tmp_p
         paths.append(str(tmp_path / f"s{seed}.json"))
     md = markdown_table(load_records(paths))
     assert rows(md) == ["| dm | 50.0 ± 1.0 |"] and "Duplicates" in md and "s1.json" in md
+    newer = tmp_path / "newer.json"   # beside a record that says how its set was made: a row of their own
+    newer.write_text(json.dumps(record("dm", 1, {"convnet": (0.4, 0.01)}, config={"iterations": 10, "seed": 2})))
+    md = markdown_table(load_records(paths + [str(newer)]))
+    assert rows(md) == ["| dm | 40.0 ± 1.0 |", "| dm (options not recorded) | 50.0 ± 1.0 |"]
 
 
 def test_one_table_per_dataset(tmp_path, paths):
