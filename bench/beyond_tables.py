@@ -62,6 +62,7 @@ SAME_OPTIONS = [
     (10, "`--factor 2`", FACTOR),
     (10, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"),
     (10, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
+    (10, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}"),
 ]
 BEGIN, END = "<!-- beyond_tables.py: {} (generated from the README; edit there, then run --write) -->", \
     "<!-- end of beyond_tables.py: {} -->"
