@@ -309,9 +309,10 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
     width = 0.8 / max(len(methods), 1)
     fig_w = max(5.0, 1.5 + 0.3 * len(groups) * len(methods))
     # Long row names (sets made with other options): one legend for the figure, beside the plots.
-    beside = max(map(len, methods)) > 24
+    longest = max(map(len, methods))
+    beside = longest > 24
     if beside:
-        fig_w += 0.07 * max(map(len, methods))
+        fig_w += 0.07 * longest
     fig, axes = plt.subplots(len(models), 1, figsize=(fig_w, 3.4 * len(models)), squeeze=False,
                              layout="constrained" if beside else "tight")
     for ax, model in zip(axes[:, 0], models):
