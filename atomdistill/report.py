@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import textwrap
 from pathlib import Path
 
 from .errors import AtomDistillError
@@ -222,19 +223,25 @@ def _hardware_str(h: dict) -> str:
     return f"{h.get('device', '?')}" + (f" ({rest})" if rest else "")
 
 
+def _protocol_groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(dataset, protocol) -> its records, in the order given. Accuracies under different evaluation
+    protocols (runs x epochs, DSA, ...) are not comparable: each group is a table, or figure groups, of its own."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rec in records:
+        groups.setdefault((str(rec["set"]["dataset"]), _protocol_str(rec.get("protocol") or {})), []).append(rec)
+    return groups
+
+
 def markdown_table(records: list[dict]) -> str:
     """Markdown: one table per dataset (sorted by name), then notes on duplicates, protocol and hardware.
 
-    Accuracies under different evaluation protocols (runs x epochs, DSA, ...) are not comparable, so
-    a dataset whose records used several gets one table per protocol, each headed by it."""
+    A dataset whose records used several evaluation protocols gets one table per protocol, each headed by it."""
     if not records:
         raise AtomDistillError("no evaluation records to tabulate")
-    groups: dict[tuple[str, str], list[dict]] = {}   # (dataset, protocol) -> records, in the order given
-    for rec in records:
-        groups.setdefault((str(rec["set"]["dataset"]), _protocol_str(rec.get("protocol") or {})), []).append(rec)
+    groups = _protocol_groups(records)
     variants = _variants(records)
     lines: list[str] = []
-    dups: dict = {}
+    dups: list[tuple[str, list[str]]] = []   # (what the cell is, the records given for it)
     diverged = several_seeds = False
     for ds in sorted({ds for ds, _ in groups}):
         protocols = [p for d, p in groups if d == ds]
@@ -242,7 +249,10 @@ def markdown_table(records: list[dict]) -> str:
             group = groups[(ds, protocol)]
             table, group_dups = _collect(group, variants)
             cells = table[ds]
-            dups.update(group_dups)
+            # One set evaluated twice under one protocol is a duplicate; under two protocols it is not.
+            dups += [(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m}"
+                      + ("" if seed is None else f" seed {seed}") + (f" ({protocol})" if len(protocols) > 1 else ""),
+                      src) for (_, meth, ipc, m, seed), src in group_dups.items()]
             diverged |= any(r.get("diverged") for r in cells.values())
             several_seeds |= any("seeds" in r for r in cells.values())
             models = _models_in_order(group, ds)
@@ -267,9 +277,7 @@ def markdown_table(records: list[dict]) -> str:
         lines.append("A cell marked (n seeds) holds n distillation seeds' sets: the mean ± std (sample std) of "
                      "their means.")
     if dups:
-        keys = "; ".join(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m}"
-                         + ("" if seed is None else f" seed {seed}") + f" ({len(src)} records, counted: {src[-1]})"
-                         for (ds, meth, ipc, m, seed), src in dups.items())
+        keys = "; ".join(f"{cell} ({len(src)} records, counted: {src[-1]})" for cell, src in dups)
         lines.append(f"Duplicates: several records for the same cell and seed, the last one given counts: {keys}.")
     made_for = _distinct(f"{r['set']['method']}: {describe_settings(r['set']['made_for'])}"
                          for r in records if r["set"].get("made_for"))
@@ -287,24 +295,39 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bar_groups(records: list[dict]):
+    """The figure's cells and bar groups: ({(dataset, protocol): {(method, ipc, model): result}},
+    [(dataset, protocol, ipc or None, label)]): a group per IPC and one for the whole set, per dataset
+    and protocol; the label names the protocol where a dataset's records used several."""
+    protocol_groups = _protocol_groups(records)
+    variants = _variants(records)
+    tables = {key: _collect(recs, variants)[0][key[0]] for key, recs in protocol_groups.items()}
+    groups = []
+    for ds, protocol in sorted(tables, key=lambda key: key[0]):   # stable: protocols in the order given
+        cells = tables[(ds, protocol)]
+        ipcs = sorted({ipc for (_, ipc, _) in cells if ipc is not None})
+        ipcs += [None] if any(ipc is None for (_, ipc, _) in cells) else []
+        # Under the axis, only what sets this protocol apart from the dataset's others (e.g. "5 runs x 1000 epochs").
+        others = [p.split(", ") for d, p in tables if d == ds and p != protocol]
+        own = [part for part in protocol.split(", ") if not all(part in other for other in others)]
+        groups += [(ds, protocol, ipc, f"{ds}\n{'whole set' if ipc is None else f'IPC {ipc}'}"
+                    + (f"\n{textwrap.fill(', '.join(own), 18)}" if others else "")) for ipc in ipcs]
+    return tables, groups
+
+
 # ---- figure -------------------------------------------------------------------------------
 def plot_records(records: list[dict], path: str | os.PathLike) -> None:
     """Grouped bar chart (PNG): per model one subplot; one group per (dataset, IPC), plus a
-    'whole set' group per dataset with a reference; bars are methods, error bars the std."""
+    'whole set' group per dataset with a reference; bars are methods, error bars the std. A dataset
+    evaluated under several protocols gets its groups once per protocol, named under the axis."""
     from .plots import _pyplot
 
     if not records:
         raise AtomDistillError("no evaluation records to plot")
     plt = _pyplot()
-    table, _ = _collect(records)
+    tables, groups = _bar_groups(records)
     models = _models_in_order(records)
-    groups = []   # (dataset, ipc|None)
-    for ds in sorted(table):
-        ipcs = sorted({ipc for (_, ipc, _) in table[ds] if ipc is not None})
-        groups += [(ds, ipc) for ipc in ipcs]
-        if any(ipc is None for (_, ipc, _) in table[ds]):
-            groups.append((ds, None))
-    methods = sorted({meth for ds in table for (meth, _, _) in table[ds]}, key=_method_key)
+    methods = sorted({meth for cells in tables.values() for (meth, _, _) in cells}, key=_method_key)
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     width = 0.8 / max(len(methods), 1)
     fig_w = max(5.0, 1.5 + 0.3 * len(groups) * len(methods))
@@ -317,11 +340,12 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
                              layout="constrained" if beside else "tight")
     for ax, model in zip(axes[:, 0], models):
         labelled, top = set(), 1.0
-        for gi, (ds, ipc) in enumerate(groups):
-            present = [m for m in methods if (m, ipc, model) in table[ds]
-                       and table[ds][(m, ipc, model)]["mean"] is not None]   # no bar for all-diverged
+        for gi, (ds, protocol, ipc, _) in enumerate(groups):
+            cells = tables[(ds, protocol)]
+            present = [m for m in methods if (m, ipc, model) in cells
+                       and cells[(m, ipc, model)]["mean"] is not None]   # no bar for all-diverged
             for bi, meth in enumerate(present):
-                r = table[ds][(meth, ipc, model)]
+                r = cells[(meth, ipc, model)]
                 x = gi - 0.4 + width * (bi + 0.5) + (len(methods) - len(present)) * width / 2
                 ax.bar(x, 100 * r["mean"], width, yerr=100 * (r["std"] or 0), capsize=2, color=colours[meth],
                        label=meth if meth not in labelled else None)
@@ -330,7 +354,7 @@ def plot_records(records: list[dict], path: str | os.PathLike) -> None:
         ax.set_ylim(0, top * 1.25)   # head room for the legend
         ax.set_xlim(-0.5, len(groups) - 0.5)   # same groups in every subplot, even if one is empty
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{ds}\n{'whole set' if ipc is None else f'IPC {ipc}'}" for ds, ipc in groups])
+        ax.set_xticklabels([label for *_, label in groups])
         ax.set_ylabel("test accuracy %")
         ax.set_title(model)
         ax.grid(axis="y", alpha=0.3)

@@ -188,3 +188,34 @@ def test_bad_paths_raise(tmp_path):
         load_records([str(empty)])
     with pytest.raises(AtomDistillError):
         load_records([])
+
+
+def test_a_set_under_two_protocols_is_two_cells_not_a_duplicate(tmp_path):
+    """One set evaluated under two protocols: a table and figure groups per protocol, no duplicate; the
+    same set given twice under one protocol is a duplicate named with its protocol, whichever came last."""
+    from atomdistill.report import _bar_groups
+
+    long = {**PROTOCOL, "runs": 5, "epochs": 1000}
+    specs = [("short.json", PROTOCOL, 0.40), ("long.json", long, 0.45), ("long_again.json", long, 0.46),
+             ("short_whole.json", PROTOCOL, 0.80)]
+    paths = []
+    for name, protocol, acc in specs:
+        ipc, method = (None, "full") if "whole" in name else (1, "dm")
+        (tmp_path / name).write_text(json.dumps(record(method, ipc, {"convnet": (acc, 0.01)}, protocol=protocol)))
+        paths.append(str(tmp_path / name))
+    recs = load_records(paths)
+    md = markdown_table(recs)
+    dm = [r for r in rows(md) if r.startswith("| dm")]
+    assert [r.split("|")[2].strip() for r in dm] == ["40.0 ± 1.0", "46.0 ± 1.0"]
+    note = next(line for line in md.splitlines() if line.startswith("Duplicates"))
+    assert "cifar10 dm IPC 1 convnet (5 runs x 1000 epochs" in note and "long_again.json" in note
+    assert "short.json" not in note
+    tables, groups = _bar_groups(recs)
+    # under each group, what sets its protocol apart (not the DSA both share)
+    assert [(ipc, " ".join(label.splitlines()[2:])) for _, _, ipc, label in groups] == \
+        [(1, "3 runs x 300 epochs"), (None, "3 runs x 300 epochs"), (1, "5 runs x 1000 epochs")]
+    assert {tables[(ds, p)][("dm", 1, "convnet")]["mean"] for ds, p, ipc, _ in groups if ipc == 1} == {0.40, 0.46}
+    # one protocol: the groups are named by dataset and IPC only
+    assert [label for *_, label in _bar_groups(recs[:1])[1]] == ["cifar10\nIPC 1"]
+    plot_records(recs, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
