@@ -22,13 +22,15 @@ Every step runs the `atomdistill` command line in a child process (the commands 
 so that its peak RSS is its own. Finished steps are skipped when the command is run again,
 so an interrupted benchmark continues. Output in --out: one run folder per method and IPC,
 baseline sets, evaluation records, results.md (table) and accuracy.png (accuracy against
-iterations: the random init at 0, each method at its last iteration).
+iterations: the random init at 0, each method at its last iteration), both of every set the
+folder holds, whichever invocation made it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 
 from atomdistill.evaluate import cpu_name, format_result
+from atomdistill.io import atomic_path
 from atomdistill.runtime import cpu_flags
 
 BUDGETS = {
@@ -182,7 +185,7 @@ def main():
         for kind in args.baselines:
             if kind != "random":
                 baseline(kind, ipc, seed)
-    write_table(out, args, b, ipcs, steps, models)
+    write_table(out, args, b, steps, models)
 
 
 def step_name(kind: str, ipc: int, seed: int) -> str:
@@ -195,85 +198,91 @@ def record_path(out: Path, kind: str, ipc: int, seed: int) -> Path:
     return out / name / "eval.json" if kind not in BASELINES else out / f"{name}.eval.json"
 
 
-def seeds_table(out: Path, args, ipcs: list[int]) -> list[str]:
-    """Mean ± std over distillation seeds of each seed's mean accuracy (seeds with a record)."""
+def finished(out: Path, steps: dict) -> list[tuple[str, int, int]]:
+    """(kind, IPC, seed) of every set in the folder with an evaluation record, whichever invocation made
+    it (several invocations share a folder: other seeds, methods or IPCs); by IPC, seed, then table order."""
+    found = set()
+    for name in steps:
+        m = re.fullmatch(r"(?P<kind>[\w+.]+)-ipc(?P<ipc>\d+)(?:-seed(?P<seed>\d+))?", name)
+        if m and record_path(out, m["kind"], int(m["ipc"]), int(m["seed"] or 0)).exists():
+            found.add((m["kind"], int(m["ipc"]), int(m["seed"] or 0)))
+    order = [*BASELINES, *METHODS]
+    return sorted(found, key=lambda r: (r[1], r[2], order.index(r[0]) if r[0] in order else len(order), r[0]))
+
+
+def seeds_table(out: Path, args, rows: list[tuple[str, int, int]]) -> list[str]:
+    """Mean ± std over distillation seeds of each seed's mean accuracy (kinds with several seeds' records)."""
+    per_kind: dict[tuple[int, str], dict[int, float]] = {}
+    for kind, ipc, seed in rows:
+        accs = json.loads(record_path(out, kind, ipc, seed).read_text())["results"][args.net]["accs"]
+        per_kind.setdefault((ipc, kind), {})[seed] = statistics.mean(accs)
     lines = []
-    for ipc in ipcs:
-        for kind in [*args.baselines, *args.methods]:
-            per_seed = {s: statistics.mean(json.loads(r.read_text())["results"][args.net]["accs"])
-                        for s in args.seeds if (r := record_path(out, kind, ipc, s)).exists()}
-            if len(per_seed) > 1:
-                v = [100 * a for a in per_seed.values()]
-                lines.append(f"| {kind} | {ipc} | {len(v)} | {statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} | "
-                             + ", ".join(f"{a:.2f}" for a in v) + " |")
+    for (ipc, kind), per_seed in per_kind.items():
+        if len(per_seed) > 1:
+            v = [100 * per_seed[s] for s in sorted(per_seed)]
+            lines.append(f"| {kind} | {ipc} | {len(v)} ({', '.join(map(str, sorted(per_seed)))}) | "
+                         f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} | " + ", ".join(f"{a:.2f}" for a in v) + " |")
     if not lines:
         return []
-    return ["", f"Over distillation seeds {args.seeds} (each seed: its own init, networks, batches and "
-                "evaluation; std over the seeds' means):", "",
+    return ["", "Over distillation seeds (each seed: its own init, networks, batches and evaluation; std over the "
+                "seeds' means):", "",
             "| method | IPC | seeds | accuracy % | per seed |", "|---|---|---|---|---|", *lines]
 
 
-def architectures_table(out: Path, args, ipcs: list[int], models: list[str]) -> list[str]:
+def architectures_table(out: Path, rows: list[tuple[str, int, int]], models: list[str]) -> list[str]:
     """Every evaluated set on every evaluation architecture: mean ± std over its evaluation runs."""
     lines = ["", "Across architectures (accuracy %, mean ± std over each set's evaluation runs, as "
              "`atomdistill evaluate` prints it, diverged runs named):", "",
              "| method | IPC | seed | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
-    for ipc in ipcs:
-        for seed in args.seeds:
-            for kind in [*args.baselines, *args.methods]:
-                record = record_path(out, kind, ipc, seed)
-                if not record.exists():
-                    continue
-                results = json.loads(record.read_text())["results"]
-                cells = ["–" if m not in results else format_result(results[m]).strip() for m in models]
-                lines.append(f"| {kind} | {ipc} | {seed} | " + " | ".join(cells) + " |")
+    for kind, ipc, seed in rows:
+        results = json.loads(record_path(out, kind, ipc, seed).read_text())["results"]
+        cells = ["–" if m not in results else format_result(results[m]).strip() for m in models]
+        lines.append(f"| {kind} | {ipc} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
-def write_table(out: Path, args, b: dict, ipcs: list[int], steps: dict, models: list[str]):
+def write_table(out: Path, args, b: dict, steps: dict, models: list[str]):
+    """results.md and accuracy.png of every finished set in the folder (not only this invocation's)."""
     lo, hi = b["speed_window"]
+    rows = finished(out, steps)
     lines = [f"CIFAR-10, budget `{args.budget}`; {cpu_name()}, torch {torch.__version__}, device {args.device}; "
              "threads per step in the last column (s/iter and wall depend on them). "
              f"Distillation and evaluation network: {args.net}. Evaluation: {b['runs']} runs x {b['epochs']} "
-             "epochs, mean ± std over the runs, accuracy %; one row per distillation seed."
-             + (f" Extra distill options: `{args.options}`." if args.options else ""), "",
+             "epochs, mean ± std over the runs, accuracy %; one row per distillation seed, every set this folder "
+             "holds." + (f" Extra distill options: `{args.options}`." if args.options else ""), "",
              "| method | IPC | seed | iterations | accuracy % | s/iter (median) | peak RSS | wall | threads |",
              "|---|---|---|---|---|---|---|---|---|"]
     curves = {}
-    for ipc in ipcs:
-        rows = [(k, seed, step_name(k, ipc, seed), record_path(out, k, ipc, seed))
-                for seed in args.seeds for k in [*args.baselines, *args.methods]]
-        for label, seed, name, record in rows:
-            if not record.exists():
-                continue
-            r = json.loads(record.read_text())["results"][args.net]
-            acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-            its, speed = "–", "–"
-            metrics = out / name / "metrics.jsonl"
-            if metrics.exists():
-                hist = [json.loads(x) for x in metrics.read_text().splitlines()]
-                times = [h["s_iter"] for h in hist if "s_iter" in h and lo <= h["iteration"] <= hi]
-                its = str(max(h["iteration"] for h in hist))
-                speed = f"{statistics.median(times):.3f}" if times else "–"
-                if seed == args.seeds[0]:   # the curves show one seed's runs
-                    curves.setdefault(ipc, {})[label] = (int(its), 100 * r["mean"], 100 * r["std"])
-            s = steps.get(name, {})
-            wall = s.get("wall_s", 0)
-            lines.append(f"| {label} | {ipc} | {seed} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
-                         f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
-    lines += seeds_table(out, args, ipcs)
+    for label, ipc, seed in rows:
+        name = step_name(label, ipc, seed)
+        r = json.loads(record_path(out, label, ipc, seed).read_text())["results"][args.net]
+        acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+        its, speed = "–", "–"
+        metrics = out / name / "metrics.jsonl"
+        if metrics.exists():
+            hist = [json.loads(x) for x in metrics.read_text().splitlines()]
+            times = [h["s_iter"] for h in hist if "s_iter" in h and lo <= h["iteration"] <= hi]
+            its = str(max(h["iteration"] for h in hist))
+            speed = f"{statistics.median(times):.3f}" if times else "–"
+            curves.setdefault(ipc, {}).setdefault(label, (int(its), 100 * r["mean"], 100 * r["std"]))   # lowest seed
+        s = steps.get(name, {})
+        wall = s.get("wall_s", 0)
+        lines.append(f"| {label} | {ipc} | {seed} | {its} | {acc} | {speed} | {s.get('peak_rss_gb', 0):.2f} GB | "
+                     f"{int(wall // 60)} min {int(wall % 60):02d} s | {s.get('threads', '?')} |")
+    lines += seeds_table(out, args, rows)
     if len(models) > 1:
-        lines += architectures_table(out, args, ipcs, models)
+        lines += architectures_table(out, rows, models)
     cpu, flags = cpu_name(), cpu_flags() or set()
-    for vendor, (matches, rows) in OFFICIAL_P1.items():
+    for vendor, (matches, official) in OFFICIAL_P1.items():
         if args.budget == "cpu" and matches(cpu, flags):
             lines += ["", f"The official code under P1 on {vendor} (docs/benchmarks.md):", "",
                       "| method | IPC | final accuracy % | random-init accuracy % | s/iter | peak RSS |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {m} | {i} | {a} | {r} | {s if s else '–'} | {mem} |" for m, i, a, r, s, mem in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+            lines += [f"| {m} | {i} | {a} | {r} | {s if s else '–'} | {mem} |" for m, i, a, r, s, mem in official]
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot_curves(out, ipcs, curves, args.net)
+    plot_curves(out, sorted({ipc for _, ipc, _ in rows}) or [1], curves, args.net)
 
 
 def plot_curves(out: Path, ipcs, curves, net: str = "convnet"):
@@ -295,7 +304,8 @@ def plot_curves(out: Path, ipcs, curves, net: str = "convnet"):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
+    with atomic_path(out / "accuracy.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 if __name__ == "__main__":
