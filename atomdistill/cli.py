@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder recorded with other options")
 
     p = sub.add_parser("report", help="markdown table and figure from evaluation records")
-    p.add_argument("records", nargs="+", help="eval JSON files or run folders")
+    p.add_argument("records", nargs="+", help="eval JSON files, run folders, or folders of runs (every record below)")
     p.add_argument("--out", default="report.md")
     return parser
 

@@ -23,32 +23,60 @@ DASH = "—"
 
 
 # ---- loading ------------------------------------------------------------------------------
+# The names `atomdistill evaluate` gives its records: in a run folder, beside a set file, of the whole set.
+RECORD_NAMES = ("eval.json", "*.eval.json", "eval-*-full.json")
+
+
+def _record_files(path: Path) -> list[Path]:
+    """The record files a path names: a file; a run folder's eval.json; or every record below a folder
+    of runs (e.g. a benchmark's results folder), sorted by path."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise AtomDistillError(f"{path} does not exist; pass an evaluation JSON file or a run folder "
+                               "containing eval.json")
+    if (path / "eval.json").is_file():
+        return [path / "eval.json"]
+    found = sorted({f for name in RECORD_NAMES for f in path.rglob(name) if f.is_file()})
+    if not found:
+        raise AtomDistillError(f"{path} is a folder without evaluation records (eval.json, NAME.eval.json) in it or "
+                               "below it; run `atomdistill evaluate` on its sets first or pass the evaluation JSON file")
+    return found
+
+
 def load_records(paths: list[str | os.PathLike]) -> list[dict]:
-    """Evaluation records from JSON files or run folders holding eval.json, in the order given.
+    """Evaluation records from JSON files, run folders holding eval.json, or folders of runs (every
+    record below them, sorted by path), in the order given.
 
     Each record gets a '_path' key (where it came from), used to name duplicates."""
     if not paths:
         raise AtomDistillError("no evaluation records given; pass eval JSON files or run folders")
     records = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            if not (path / "eval.json").is_file():
-                raise AtomDistillError(f"{path} is a folder without eval.json; run `atomdistill evaluate` on "
-                                       "it first or pass the evaluation JSON file")
-            path = path / "eval.json"
-        elif not path.is_file():
-            raise AtomDistillError(f"{path} does not exist; pass an evaluation JSON file or a run folder "
-                                   "containing eval.json")
+    for path in (f for p in paths for f in _record_files(Path(p))):
         try:
             rec = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise AtomDistillError(f"{path} is not readable JSON ({e}); pass a file written by "
                                    "`atomdistill evaluate`") from None
         _check_record(rec, path)
+        _config_from_run_folder(rec, path)
         rec["_path"] = str(path)
         records.append(rec)
     return records
+
+
+def _config_from_run_folder(rec: dict, path: Path) -> None:
+    """A record written before records carried the set's config (`set.config`) takes it from its run
+    folder's config.json, where that is the same run (dataset, method, IPC and seed agree), so that older
+    records are told apart by recipe and averaged over seeds like newer ones."""
+    if isinstance(rec["set"].get("config"), dict) or path.name != "eval.json":
+        return
+    try:
+        config = json.loads((path.parent / "config.json").read_text())["config"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(config, dict) and all(config.get(k) == rec["set"].get(k) for k in ("dataset", "method", "ipc", "seed")):
+        rec["set"]["config"] = config
 
 
 def _check_record(rec, path: Path) -> None:
@@ -123,8 +151,15 @@ def _variants(records: list[dict]) -> dict[int, str]:
         recipes = [(rec, _recipe(rec)) for rec in recs]
         known = [recipe for _, recipe in recipes if recipe is not None]
         fields = list(dict.fromkeys(k for recipe in known for k in recipe))
-        # Compared where present: a pool setting only among pool sets, a newer option only among newer configs.
-        varying = [k for k in fields if len({json.dumps(recipe[k], sort_keys=True) for recipe in known if k in recipe}) > 1]
+        # What differs within one cell's column (one IPC): a setting that differs only between IPCs (P1 runs
+        # 300 iterations at IPC 1 and 200 at IPC 10) is one recipe per IPC, not two rows. Compared where
+        # present: a pool setting only among pool sets, a newer option only among newer configs.
+        by_ipc: dict = {}
+        for rec, recipe in recipes:
+            if recipe is not None:
+                by_ipc.setdefault(rec["set"].get("ipc"), []).append(recipe)
+        varying = [k for k in fields if any(len({json.dumps(recipe[k], sort_keys=True) for recipe in column
+                                                 if k in recipe}) > 1 for column in by_ipc.values())]
         for rec, recipe in recipes:
             if recipe is None and known:   # an older record beside newer ones: never one of their seeds
                 labels[id(rec)] = "options not recorded"

@@ -170,7 +170,7 @@ def test_plot_and_write_report(tmp_path, paths):
 def test_bad_paths_raise(tmp_path):
     with pytest.raises(AtomDistillError, match="does not exist"):
         load_records([str(tmp_path / "missing.json")])
-    with pytest.raises(AtomDistillError, match="without eval.json"):
+    with pytest.raises(AtomDistillError, match="without evaluation records"):
         load_records([str(tmp_path)])
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -219,3 +219,57 @@ def test_a_set_under_two_protocols_is_two_cells_not_a_duplicate(tmp_path):
     assert [label for *_, label in _bar_groups(recs[:1])[1]] == ["cifar10\nIPC 1"]
     plot_records(recs, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_folder_of_runs_gives_every_record_below_it(tmp_path):
+    """`atomdistill report results/cifar10-cpu`: a benchmark's folder (run folders with eval.json, baseline
+    records NAME.eval.json, the whole-set record, other JSON files) reports every record below it."""
+    out = tmp_path / "results"
+    files = {"dm-ipc1/eval.json": record("dm", 1, {"convnet": (0.25, 0.01)}),
+             "atom-ipc1/eval.json": record("atom", 1, {"convnet": (0.27, 0.01)}),
+             "random-ipc1.eval.json": record("random", 1, {"convnet": (0.14, 0.01)}),
+             "deeper/eval-cifar10-full.json": record("full", None, {"convnet": (0.84, 0.01)})}
+    for name, rec in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(rec))
+    (out / "steps.json").write_text(json.dumps({"dm-ipc1": {"wall_s": 1.0}}))   # not a record: not read
+    (out / "dm-ipc1" / "config.json").write_text("{}")
+    recs = load_records([str(out)])
+    assert [r["set"]["method"] for r in recs] == ["atom", "full", "dm", "random"]   # sorted by path
+    names = [r.split("|")[1].strip() for r in rows(markdown_table(recs))]
+    assert names == ["full", "random", "dm", "atom"]
+    # a run folder is still its own eval.json only, and a file beside the folder adds to it
+    assert [r["set"]["method"] for r in load_records([str(out / "dm-ipc1"), str(out / "random-ipc1.eval.json")])] \
+        == ["dm", "random"]
+
+
+def test_an_older_record_takes_its_config_from_its_run_folder(tmp_path):
+    """Records written before they carried `set.config`: in a run folder whose config.json is the same run,
+    they are told apart by recipe and averaged over seeds; elsewhere (or another run's config) they are not."""
+    base = {"dataset": "cifar10", "method": "dm", "ipc": 1, "iterations": 300, "seed": 0, "mmd_kernel": None}
+    paths = []
+    for seed in (0, 1):
+        run = tmp_path / f"dm-ipc1-seed{seed}"
+        run.mkdir()
+        rec = record("dm", 1, {"convnet": (0.25 + seed / 100, 0.01)})
+        rec["set"]["seed"] = seed
+        (run / "eval.json").write_text(json.dumps(rec))
+        (run / "config.json").write_text(json.dumps({"config": {**base, "seed": seed}, "weights": {}}))
+        paths.append(str(run))
+    recs = load_records(paths)
+    assert [r["set"]["config"]["seed"] for r in recs] == [0, 1]
+    assert [r.split("|")[2].strip() for r in rows(markdown_table(recs))] == ["25.5 ± 0.7 (2 seeds)"]
+    # a config.json of another run (seed 5) is not taken: the record stays one without options
+    (tmp_path / "dm-ipc1-seed1" / "config.json").write_text(json.dumps({"config": {**base, "seed": 5}}))
+    assert "config" not in load_records(paths)[1]["set"]
+
+
+def test_a_setting_that_differs_only_between_ipcs_is_one_row(tmp_path):
+    """P1 runs 300 iterations at IPC 1 and 200 at IPC 10: one recipe per IPC, one row, not two half-empty ones."""
+    paths = []
+    for ipc, iterations in ((1, 300), (10, 200)):
+        config = {"dataset": "cifar10", "method": "dm", "ipc": ipc, "iterations": iterations, "seed": 0}
+        (tmp_path / f"{ipc}.json").write_text(json.dumps(record("dm", ipc, {"convnet": (0.2 * ipc ** 0.3, 0.01)},
+                                                                config=config)))
+        paths.append(str(tmp_path / f"{ipc}.json"))
+    assert [r.split("|")[1].strip() for r in rows(markdown_table(load_records(paths)))] == ["dm"]
