@@ -40,6 +40,7 @@ EFFECTS = [
     (1, "`--factor 2`", FACTOR, "", "–"),
     (1, "`--mmd-kernel gaussian`", KERNEL, "", "–"),
     (1, "pool", POOL, "", "–"),
+    (1, "kernel + pool", f"{KERNEL} {POOL}", KERNEL, "`--mmd-kernel gaussian`"),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}", FACTOR, "`--factor 2`"),
     (1, "`--factor 2` + pool", f"{FACTOR} {POOL}", FACTOR, "`--factor 2`"),
     (1, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}", f"{FACTOR} {KERNEL}", "`--factor 2` + kernel"),
@@ -55,7 +56,8 @@ EFFECTS = [
 ]
 # Table 2: (IPC, the options as the page names them, the options).
 SAME_OPTIONS = [
-    (1, "–", ""), (1, "`--mmd-kernel gaussian`", KERNEL), (1, "pool", POOL), (1, "`--factor 2`", FACTOR),
+    (1, "–", ""), (1, "`--mmd-kernel gaussian`", KERNEL), (1, "pool", POOL), (1, "kernel + pool", f"{KERNEL} {POOL}"),
+    (1, "`--factor 2`", FACTOR),
     (1, "`--factor 2` + kernel", f"{FACTOR} {KERNEL}"), (1, "`--factor 2` + pool", f"{FACTOR} {POOL}"),
     (1, "`--factor 2` + kernel + pool", f"{FACTOR} {KERNEL} {POOL}"),
     (10, "–", ""), (10, "`--mmd-kernel gaussian`", KERNEL), (10, "pool", POOL), (10, "kernel + pool", f"{KERNEL} {POOL}"),
