@@ -187,28 +187,27 @@ def _rows(rec: dict, variant: str = ""):
         yield str(control["method"]) + suffix, control["results"]
 
 
-def _collect(records: list[dict], variants: dict[int, str] | None = None):
-    """{dataset: {(method, ipc|None, model): result}}; duplicates {(dataset, method, ipc, model, seed): paths}.
+def _collect(records: list[dict], variants: dict[int, str]):
+    """The cells of one table (records of one dataset and protocol): {(method, ipc|None, model): result},
+    and its duplicates {(method, ipc, model, seed): paths}.
 
     Records of one row and column from several distillation seeds make one cell, the mean ± std over
     the seeds' means (_over_seeds); a seed given twice is a duplicate, and its last record counts.
-    `variants`: _variants() of all the records a report shows (by default, of these)."""
-    variants = _variants(records) if variants is None else variants
-    by_seed: dict[str, dict] = {}
+    `variants`: _variants() of all the records a report shows."""
+    by_seed: dict[tuple, dict] = {}
     sources: dict[tuple, list[str]] = {}
     for rec in records:
         # A record that does not say how its set was made (written before records carried the config)
         # cannot be told from another recipe's: it is never averaged, the last such record counts.
-        ds, seed = str(rec["set"]["dataset"]), rec["set"].get("seed") if _recipe(rec) is not None else None
+        seed = rec["set"].get("seed") if _recipe(rec) is not None else None
         ipc = None if _is_whole(rec) else int(rec["set"]["ipc"])
         for method, results in _rows(rec, variants.get(id(rec), "")):
             for model, result in results.items():
-                by_seed.setdefault(ds, {}).setdefault((method, ipc, model), {})[seed] = result
-                sources.setdefault((ds, method, ipc, model, seed), []).append(rec.get("_path", "?"))
-    table = {ds: {key: (next(iter(seeds.values())) if len(seeds) == 1 else _over_seeds(list(seeds.values())))
-                  for key, seeds in cells.items()} for ds, cells in by_seed.items()}
-    dups = {k: v for k, v in sources.items() if len(v) > 1}
-    return table, dups
+                by_seed.setdefault((method, ipc, model), {})[seed] = result
+                sources.setdefault((method, ipc, model, seed), []).append(rec.get("_path", "?"))
+    cells = {key: (next(iter(seeds.values())) if len(seeds) == 1 else _over_seeds(list(seeds.values())))
+             for key, seeds in by_seed.items()}
+    return cells, {k: v for k, v in sources.items() if len(v) > 1}
 
 
 def _over_seeds(results: list[dict]) -> dict:
@@ -258,13 +257,15 @@ def _hardware_str(h: dict) -> str:
     return f"{h.get('device', '?')}" + (f" ({rest})" if rest else "")
 
 
-def _protocol_groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """(dataset, protocol) -> its records, in the order given. Accuracies under different evaluation
-    protocols (runs x epochs, DSA, ...) are not comparable: each group is a table, or figure groups, of its own."""
+def _protocol_tables(records: list[dict]) -> dict[tuple[str, str], tuple[list[dict], dict, dict]]:
+    """(dataset, protocol) -> (its records in the order given, its cells, its duplicates) (_collect).
+    Accuracies under different evaluation protocols (runs x epochs, DSA, ...) are not comparable: each
+    (dataset, protocol) is a table, and bar groups in the figure, of its own."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in records:
         groups.setdefault((str(rec["set"]["dataset"]), _protocol_str(rec.get("protocol") or {})), []).append(rec)
-    return groups
+    variants = _variants(records)   # over all the records: a row's name is the same in every table
+    return {key: (recs, *_collect(recs, variants)) for key, recs in groups.items()}
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -273,21 +274,18 @@ def markdown_table(records: list[dict]) -> str:
     A dataset whose records used several evaluation protocols gets one table per protocol, each headed by it."""
     if not records:
         raise AtomDistillError("no evaluation records to tabulate")
-    groups = _protocol_groups(records)
-    variants = _variants(records)
+    tables = _protocol_tables(records)
     lines: list[str] = []
     dups: list[tuple[str, list[str]]] = []   # (what the cell is, the records given for it)
     diverged = several_seeds = False
-    for ds in sorted({ds for ds, _ in groups}):
-        protocols = [p for d, p in groups if d == ds]
+    for ds in sorted({ds for ds, _ in tables}):
+        protocols = [p for d, p in tables if d == ds]
         for protocol in protocols:
-            group = groups[(ds, protocol)]
-            table, group_dups = _collect(group, variants)
-            cells = table[ds]
+            group, cells, group_dups = tables[(ds, protocol)]
             # One set evaluated twice under one protocol is a duplicate; under two protocols it is not.
             dups += [(f"{ds} {meth} {'whole set' if ipc is None else f'IPC {ipc}'} {m}"
                       + ("" if seed is None else f" seed {seed}") + (f" ({protocol})" if len(protocols) > 1 else ""),
-                      src) for (_, meth, ipc, m, seed), src in group_dups.items()]
+                      src) for (meth, ipc, m, seed), src in group_dups.items()]
             diverged |= any(r.get("diverged") for r in cells.values())
             several_seeds |= any("seeds" in r for r in cells.values())
             models = _models_in_order(group, ds)
@@ -334,9 +332,7 @@ def _bar_groups(records: list[dict]):
     """The figure's cells and bar groups: ({(dataset, protocol): {(method, ipc, model): result}},
     [(dataset, protocol, ipc or None, label)]): a group per IPC and one for the whole set, per dataset
     and protocol; the label names the protocol where a dataset's records used several."""
-    protocol_groups = _protocol_groups(records)
-    variants = _variants(records)
-    tables = {key: _collect(recs, variants)[0][key[0]] for key, recs in protocol_groups.items()}
+    tables = {key: cells for key, (_, cells, _) in _protocol_tables(records).items()}
     groups = []
     for ds, protocol in sorted(tables, key=lambda key: key[0]):   # stable: protocols in the order given
         cells = tables[(ds, protocol)]
