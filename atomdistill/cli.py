@@ -516,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()   # here, so that a reader gone away is met below, not at interpreter exit
+    except BrokenPipeError:
+        # The reader of the output went away (`atomdistill report ... | head`): stop quietly, as cat does,
+        # with the status of a process that SIGPIPE ended. Files the command wrote are complete.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit-time flush goes nowhere
+        return 141
     except AtomDistillError as e:
         # An error the whole torchrun group agreed on is said once, by rank 0, not once per process.
         if not getattr(e, "every_rank", False) or os.environ.get("RANK", "0") == "0":

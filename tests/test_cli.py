@@ -27,6 +27,15 @@ def test_no_command_prints_the_commands_and_fails():
     assert "distill" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `atomdistill models | head -1`: the pipe closes before the output is written
+    proc = subprocess.Popen([sys.executable, "-m", "atomdistill", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_data_describes_a_cifar_folder(tmp_path, capsys):
     write_cifar10(tmp_path)
     assert main(["data", "cifar10", "--data-root", str(tmp_path)]) == 0
