@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import textwrap
 from pathlib import Path
@@ -98,7 +99,9 @@ def _is_whole(rec: dict) -> bool:
 def _method_key(method: str):
     """Row order: the reference, the baselines, the methods (a method's variants, "dm (factor 2)", after it)."""
     base = method.split(" (")[0]
-    return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
+    # Numbers in a label compare as numbers: "iterations 200" before "iterations 1000".
+    natural = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", method)]
+    return (METHOD_ORDER.index(base), natural) if base in METHOD_ORDER else (len(METHOD_ORDER), natural)
 
 
 def _cell(result: dict | None) -> str:
@@ -158,13 +161,26 @@ def _variants(records: list[dict]) -> dict[int, str]:
         for rec, recipe in recipes:
             if recipe is not None:
                 by_ipc.setdefault(rec["set"].get("ipc"), []).append(recipe)
-        varying = [k for k in fields if any(len({json.dumps(recipe[k], sort_keys=True) for recipe in column
-                                                 if k in recipe}) > 1 for column in by_ipc.values())]
+        values = {ipc: {k: {json.dumps(recipe[k], sort_keys=True) for recipe in column if k in recipe} for k in fields}
+                  for ipc, column in by_ipc.items()}
+        varying = [k for k in fields if any(len(column[k]) > 1 for column in values.values())]
+
+        def shown(k, recipe, ipc):
+            # A setting is named where it tells sets of this column apart, or where its value is one that
+            # tells another column's sets apart (so the set joins that row). Where iterations differ at
+            # IPC 10 only (200 and 1,000), the IPC 1 sets (300) are not an "iterations 300" row of their own.
+            value = json.dumps(recipe[k], sort_keys=True)
+            return len(values[ipc][k]) > 1 or any(len(col[k]) > 1 and value in col[k] for col in values.values())
+
         for rec, recipe in recipes:
             if recipe is None and known:   # an older record beside newer ones: never one of their seeds
                 labels[id(rec)] = "options not recorded"
-            elif recipe is not None and varying:
-                labels[id(rec)] = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}" for k in varying if k in recipe)
+            elif recipe is not None:
+                ipc = rec["set"].get("ipc")
+                label = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}"
+                                  for k in varying if k in recipe and shown(k, recipe, ipc))
+                if label:
+                    labels[id(rec)] = label
     return labels
 
 

@@ -273,3 +273,22 @@ def test_a_setting_that_differs_only_between_ipcs_is_one_row(tmp_path):
                                                                 config=config)))
         paths.append(str(tmp_path / f"{ipc}.json"))
     assert [r.split("|")[1].strip() for r in rows(markdown_table(load_records(paths)))] == ["dm"]
+
+
+def test_a_set_is_named_by_what_tells_it_apart_in_its_own_column(tmp_path):
+    """Where iterations differ at IPC 10 only (200 and 1,000), the IPC 1 set (300) is not an "iterations 300"
+    row of its own; a setting whose value is one that tells IPC 1's sets apart (the kernel) is still named at
+    IPC 10, so that the set joins its row. Numbers in names sort as numbers (200 before 1000)."""
+    specs = [(1, 300, None), (1, 300, "gaussian"), (10, 200, None), (10, 1000, None)]
+    paths = []
+    for i, (ipc, iterations, kernel) in enumerate(specs):
+        config = {"dataset": "cifar10", "method": "dm", "ipc": ipc, "iterations": iterations, "seed": 0,
+                  "mmd_kernel": kernel}
+        (tmp_path / f"{i}.json").write_text(json.dumps(record("dm", ipc, {"convnet": (0.2 + i / 100, 0.01)},
+                                                              config=config)))
+        paths.append(str(tmp_path / f"{i}.json"))
+    table = [[c.strip() for c in r.split("|")[1:4]] for r in rows(markdown_table(load_records(paths)))]
+    assert table == [["dm (iterations 200, mmd-kernel default)", "—", "22.0 ± 1.0"],
+                     ["dm (iterations 1000, mmd-kernel default)", "—", "23.0 ± 1.0"],
+                     ["dm (mmd-kernel default)", "20.0 ± 1.0", "—"],
+                     ["dm (mmd-kernel gaussian)", "21.0 ± 1.0", "—"]]
