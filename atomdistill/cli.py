@@ -5,6 +5,7 @@ User errors (AtomDistillError) print one line and exit 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown table and figure from evaluation records")
     p.add_argument("records", nargs="+", help="eval JSON files, run folders, or folders of runs (every record below)")
     p.add_argument("--out", default="report.md")
+    parser.command_parsers = sub.choices   # name -> its parser, for errors in the command's own words
     return parser
 
 
@@ -507,7 +509,16 @@ OUT_OF_MEMORY_ADVICE = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would answer with the top-level usage, which lists no command's options: say it in the
+        # command's words, with its usage and the nearest option it has.
+        command = parser.command_parsers.get(args.command, parser)
+        names = {o.lstrip("-"): o for o in getattr(command, "_option_string_actions", {}) if o.startswith("--")}
+        typed = unknown[0].split("=")[0]
+        near = difflib.get_close_matches(typed.lstrip("-"), names, n=1) if typed.startswith("--") else []
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {names[near[0]]}?)" if near else "")
+                      + (f"; see atomdistill {args.command} --help" if args.command else ""))
     from .runtime import tune_cpu_allocator
     tune_cpu_allocator()
     if args.command is None:

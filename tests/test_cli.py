@@ -36,6 +36,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     assert proc.wait(timeout=120) == 141 and err == ""
 
 
+def test_an_unknown_option_is_named_in_the_command_s_words_with_the_nearest_one(capsys):
+    # argparse alone answers with the top-level usage, which lists none of the command's options
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--out", "x", "--iteratoins", "5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: atomdistill distill ")
+    assert err.strip().splitlines()[-1] == ("atomdistill distill: error: unrecognized arguments: --iteratoins 5 "
+                                            "(did you mean --iterations?); see atomdistill distill --help")
+    with pytest.raises(SystemExit):
+        main(["show", "x", "--nrow", "3"])   # nothing near: no guess
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "atomdistill show: error: unrecognized arguments: --nrow 3; see atomdistill show --help")
+
+
 def test_data_describes_a_cifar_folder(tmp_path, capsys):
     write_cifar10(tmp_path)
     assert main(["data", "cifar10", "--data-root", str(tmp_path)]) == 0
