@@ -163,22 +163,20 @@ def _variants(records: list[dict]) -> dict[int, str]:
                 by_ipc.setdefault(rec["set"].get("ipc"), []).append(recipe)
         values = {ipc: {k: {json.dumps(recipe[k], sort_keys=True) for recipe in column if k in recipe} for k in fields}
                   for ipc, column in by_ipc.items()}
-        varying = [k for k in fields if any(len(column[k]) > 1 for column in values.values())]
 
-        def shown(k, recipe, ipc):
-            # A setting is named where it tells sets of this column apart, or where its value is one that
-            # tells another column's sets apart (so the set joins that row). Where iterations differ at
-            # IPC 10 only (200 and 1,000), the IPC 1 sets (300) are not an "iterations 300" row of their own.
+        def shown(k, recipe):
+            # A setting is named where its value is one of several in some column (one IPC): there it tells
+            # sets apart, and a set of another column with that value joins their row. Where iterations differ
+            # at IPC 10 only (200 and 1,000), the IPC 1 sets (300) are not an "iterations 300" row of their own.
             value = json.dumps(recipe[k], sort_keys=True)
-            return len(values[ipc][k]) > 1 or any(len(col[k]) > 1 and value in col[k] for col in values.values())
+            return any(len(column[k]) > 1 and value in column[k] for column in values.values())
 
         for rec, recipe in recipes:
             if recipe is None and known:   # an older record beside newer ones: never one of their seeds
                 labels[id(rec)] = "options not recorded"
             elif recipe is not None:
-                ipc = rec["set"].get("ipc")
-                label = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}"
-                                  for k in varying if k in recipe and shown(k, recipe, ipc))
+                label = ", ".join(f"{k.replace('_', '-')} {_value(recipe[k])}" for k in fields
+                                  if k in recipe and shown(k, recipe))
                 if label:
                     labels[id(rec)] = label
     return labels
